@@ -1,0 +1,52 @@
+"""mha_jax: multi-head attention as readable pure JAX functions, with Flax modules.
+
+Shape legend, used in every signature, comment and message:
+
+    B    batch (added by jax.vmap; the per-example core never sees it)
+    L    sequence length; Lq / Lk when query and key/value lengths differ
+    D    model width (d_model); D_kv the key/value input width; D_out the output width
+    H    query heads        Hkv  key/value heads        G = H // Hkv
+    Dh   width of one head
+    einsum letters: q=Lq k=Lk h=H (or Hkv) g=G d=Dh
+
+`jax.nn.dot_product_attention` calls our H "N" and our Dh "H".
+
+Conventions: boolean masks, True = may attend; causal masks aligned top-left
+(query i sees keys j <= i + q_offset); scale 1/sqrt(Dh); scores and softmax in
+float32; a query row with no visible key returns zeros.
+"""
+
+from mha_jax import masks
+from mha_jax.attention import attention, batched_attention, reference_core
+from mha_jax.blockwise import blockwise_attention
+from mha_jax.implementations import NAMES as IMPLEMENTATIONS
+from mha_jax.params import MHAParams, init_params, param_shapes, resolve_sizes
+from mha_jax.stages import (
+    apply_weights,
+    attention_scores,
+    attention_weights,
+    dropout_weights,
+    merge_heads,
+    project,
+    split_heads,
+)
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "MHAParams",
+    "apply_weights",
+    "attention",
+    "attention_scores",
+    "attention_weights",
+    "batched_attention",
+    "blockwise_attention",
+    "dropout_weights",
+    "init_params",
+    "masks",
+    "merge_heads",
+    "param_shapes",
+    "project",
+    "reference_core",
+    "resolve_sizes",
+    "split_heads",
+]

@@ -1,0 +1,319 @@
+"""Blockwise attention: the reference maths in O(L) memory (FlashAttention-2 style).
+
+Forward: for each block of queries, walk the key/value blocks it can see and
+keep a running row max `m`, normaliser `l` and output `acc` (online softmax),
+so no `[H, Lq, Lk]` array exists. Blocks that the mask structure rules out
+(the future under `is_causal`, padding beyond `kv_length`, keys outside a
+local window) are never visited: causal attention does about half the work.
+
+Backward (`jax.custom_vjp`): recompute each block's probabilities from the
+saved log-sum-exp `lse = m + log(l)` instead of storing them, again O(L).
+
+Numerics follow the reference: float32 scores and softmax, masked entries
+exactly zero, a query row with no visible key outputs zeros with zero
+gradients. Layout inside: heads grouped as `[Hkv, G]`, blocks leading, e.g.
+q blocks `[nq, Hkv, G, Bq, Dh]`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from mha_jax.masks import Structure
+
+
+class Config(NamedTuple):
+    """Everything static about one call (hashable: it keys the compile cache)."""
+
+    block_q: int
+    block_k: int
+    length_q: int
+    length_k: int
+    scale: float
+    is_causal: bool
+    window: tuple[int, int] | None
+    has_kv_length: bool
+
+
+def default_block_sizes(length_q: int, length_k: int) -> tuple[int, int]:
+    """Blocks tuned on a 2-core x86 CPU (scripts/bench.py): big enough for
+    efficient matmuls, small enough that a block of scores stays in cache."""
+    block_q = min(512, _round_up(length_q, 8))
+    block_k = min(512, _round_up(length_k, 8))
+    return block_q, block_k
+
+
+def blockwise_attention(
+    q: Array,  # [Lq, H, Dh]
+    k: Array,  # [Lk, Hkv, Dh]
+    v: Array,  # [Lk, Hkv, Dh]
+    *,
+    mask: Array | None = None,  # bool [Lq, Lk] or [H, Lq, Lk]
+    bias: Array | None = None,  # float [Lq, Lk] or [H, Lq, Lk]
+    structure: Structure = Structure(),
+    scale: float | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> Array:  # [Lq, H, Dh]
+    """Same result as `reference_core`, without materialising the scores."""
+    length_q, num_heads, head_dim = q.shape
+    length_k = k.shape[0]
+    block_q, block_k = block_sizes or default_block_sizes(length_q, length_k)
+    config = Config(
+        block_q=block_q, block_k=block_k, length_q=length_q, length_k=length_k,
+        scale=head_dim**-0.5 if scale is None else float(scale), is_causal=structure.is_causal,
+        window=structure.window, has_kv_length=structure.kv_length is not None,
+    )  # fmt: skip
+    q_offset = jnp.asarray(structure.q_offset, jnp.int32)
+    kv_length = jnp.asarray(length_k if structure.kv_length is None else structure.kv_length,
+                            jnp.int32)  # fmt: skip
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, length_q, length_k))
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (bias.shape[0] if bias.ndim == 3 else 1, length_q, length_k))
+    return _flash(q, k, v, mask, bias, q_offset, kv_length, config)
+
+
+# ---------------------------------------------------------------------------
+# Blocking helpers
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _q_blocks(q: Array, num_kv_heads: int, config: Config) -> Array:
+    """`[Lq, H, Dh] -> [nq, Hkv, G, Bq, Dh]` (zero-padded)."""
+    length, num_heads, head_dim = q.shape
+    padded = _pad_axis(q, 0, _round_up(length, config.block_q))
+    blocks = padded.reshape(-1, config.block_q, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    return blocks.transpose(0, 2, 3, 1, 4)
+
+
+def _q_unblock(blocks: Array, length: int) -> Array:
+    """`[nq, Hkv, G, Bq, Dh] -> [Lq, H, Dh]` (padding dropped)."""
+    nq, hkv, g, bq, dh = blocks.shape
+    return blocks.transpose(0, 3, 1, 2, 4).reshape(nq * bq, hkv * g, dh)[:length]
+
+
+def _kv_blocks(x: Array, config: Config) -> Array:
+    """`[Lk, Hkv, Dh] -> [nk, Hkv, Bk, Dh]` (zero-padded)."""
+    length, num_kv_heads, head_dim = x.shape
+    padded = _pad_axis(x, 0, _round_up(length, config.block_k))
+    return padded.reshape(-1, config.block_k, num_kv_heads, head_dim).transpose(0, 2, 1, 3)
+
+
+def _kv_unblock(blocks: Array, length: int) -> Array:
+    nk, hkv, bk, dh = blocks.shape
+    return blocks.transpose(0, 2, 1, 3).reshape(nk * bk, hkv, dh)[:length]
+
+
+def _row_blocks(x: Array, config: Config) -> Array:
+    """`[Hm, Lq, Lk]` mask or bias -> padded `[Hm, Lq', Lk']` (padding hidden / zero)."""
+    x = _pad_axis(x, 1, _round_up(config.length_q, config.block_q))
+    return _pad_axis(x, 2, _round_up(config.length_k, config.block_k))
+
+
+def _slice_block(x: Array | None, i, j, config: Config):
+    if x is None:
+        return None
+    return jax.lax.dynamic_slice(
+        x, (0, i * config.block_q, j * config.block_k), (x.shape[0], config.block_q, config.block_k)
+    )
+
+
+def _visible_kv_blocks(i, q_offset, kv_length, config: Config):
+    """Range `[lo, hi)` of key blocks that query block `i` may see at all."""
+    num_k_blocks = _round_up(config.length_k, config.block_k) // config.block_k
+    first_q = i * config.block_q + q_offset
+    last_q = first_q + config.block_q - 1
+    hi = jnp.minimum(num_k_blocks, (kv_length + config.block_k - 1) // config.block_k)
+    lo = jnp.zeros_like(hi)
+    if config.is_causal:
+        hi = jnp.minimum(hi, jnp.maximum(last_q, -1) // config.block_k + 1)
+    if config.window is not None:
+        left, right = config.window
+        hi = jnp.minimum(hi, jnp.maximum(last_q + right, -1) // config.block_k + 1)
+        lo = jnp.maximum(lo, jnp.maximum(first_q - left, 0) // config.block_k)
+    return lo, jnp.maximum(hi, lo)
+
+
+def _visible_q_blocks(j, q_offset, kv_length, config: Config):
+    """Range `[lo, hi)` of query blocks that may see key block `j` at all."""
+    num_q_blocks = _round_up(config.length_q, config.block_q) // config.block_q
+    first_k = j * config.block_k
+    last_k = first_k + config.block_k - 1
+    lo = jnp.zeros((), jnp.int32)
+    hi = jnp.where(first_k < kv_length, num_q_blocks, 0)
+    if config.is_causal:  # need some query position >= first_k
+        lo = jnp.maximum(lo, jnp.maximum(first_k - q_offset, 0) // config.block_q)
+    if config.window is not None:
+        left, right = config.window
+        lo = jnp.maximum(lo, jnp.maximum(first_k - right - q_offset, 0) // config.block_q)
+        hi = jnp.minimum(hi, jnp.maximum(last_k + left - q_offset, -1) // config.block_q + 1)
+    return jnp.minimum(lo, hi), jnp.maximum(hi, 0)
+
+
+def _block_mask(i, j, mask, q_offset, kv_length, config: Config):
+    """Visibility inside block (i, j): `[H or 1, Bq, Bk]` bool, or None if all visible."""
+    structure = Structure(config.is_causal, q_offset, kv_length, config.window)
+    q_pos = i * config.block_q + jnp.arange(config.block_q)
+    k_pos = j * config.block_k + jnp.arange(config.block_k)
+    allowed = structure.allows(q_pos, k_pos)[None]
+    block = _slice_block(mask, i, j, config)
+    return allowed if block is None else allowed & block
+
+
+def _scores(q_blk, k_blk, bias_blk, config: Config):
+    """`[Hkv, G, Bq, Dh] x [Hkv, Bk, Dh] -> [H, Bq, Bk]` float32 scores (+ bias)."""
+    hkv, g, bq, dh = q_blk.shape
+    s = jnp.einsum("hgqd,hkd->hgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    s = s.reshape(hkv * g, bq, k_blk.shape[1]) * config.scale
+    return s if bias_blk is None else s + bias_blk.astype(jnp.float32)
+
+
+def _grouped(x: Array, num_kv_heads: int) -> Array:
+    """`[H, Bq, ...] -> [Hkv, G, Bq, ...]`."""
+    return x.reshape(num_kv_heads, x.shape[0] // num_kv_heads, *x.shape[1:])
+
+
+# ---------------------------------------------------------------------------
+# Forward
+
+
+def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
+    num_kv_heads = k.shape[1]
+    q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
+    k_blocks, v_blocks = _kv_blocks(k, config), _kv_blocks(v, config)  # [nk, Hkv, Bk, Dh]
+    mask = None if mask is None else _row_blocks(mask, config)
+    bias = None if bias is None else _row_blocks(bias, config)
+    hkv, g, bq, dh = q_blocks.shape[1:]
+
+    def one_q_block(i):
+        q_blk = q_blocks[i]
+
+        def step(j, carry):
+            m, l, acc = carry  # [H, Bq], [H, Bq], [Hkv, G, Bq, Dh]
+            s = _scores(q_blk, k_blocks[j], _slice_block(bias, i, j, config), config)
+            visible = _block_mask(i, j, mask, q_offset, kv_length, config)
+            m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.where(visible, jnp.exp(s - m_safe[..., None]), 0.0)  # [H, Bq, Bk]
+            alpha = jnp.exp(m - m_safe)
+            pv = jnp.einsum("hgqk,hkd->hgqd", _grouped(p.astype(v.dtype), hkv), v_blocks[j],
+                            preferred_element_type=jnp.float32)  # fmt: skip
+            acc = acc * _grouped(alpha, hkv)[..., None] + pv
+            return m_new, l * alpha + p.sum(axis=-1), acc
+
+        lo, hi = _visible_kv_blocks(i, q_offset, kv_length, config)
+        init = (jnp.full((hkv * g, bq), -jnp.inf), jnp.zeros((hkv * g, bq)),
+                jnp.zeros((hkv, g, bq, dh), jnp.float32))  # fmt: skip
+        m, l, acc = jax.lax.fori_loop(lo, hi, step, init)
+        out = acc / _grouped(jnp.where(l > 0, l, 1.0), hkv)[..., None]
+        # Rows that saw no key: lse=+inf makes every recomputed probability 0.
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+        return out.astype(q.dtype), lse
+
+    out_blocks, lse_blocks = jax.lax.map(one_q_block, jnp.arange(q_blocks.shape[0]))
+    return _q_unblock(out_blocks, config.length_q), lse_blocks  # [Lq, H, Dh], [nq, H, Bq]
+
+
+# ---------------------------------------------------------------------------
+# Backward
+
+
+def _backward(config: Config, residuals, d_out):
+    q, k, v, mask, bias, q_offset, kv_length, out, lse_blocks = residuals
+    num_kv_heads = k.shape[1]
+    q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
+    do_blocks = _q_blocks(d_out, num_kv_heads, config)
+    k_blocks, v_blocks = _kv_blocks(k, config), _kv_blocks(v, config)  # [nk, Hkv, Bk, Dh]
+    mask_b = None if mask is None else _row_blocks(mask, config)
+    bias_b = None if bias is None else _row_blocks(bias, config)
+    hkv = num_kv_heads
+    # delta_i = rowsum(dO_i * O_i): the softmax Jacobian's correction term.
+    delta_blocks = jnp.einsum(
+        "nhgqd,nhgqd->nhgq", do_blocks.astype(jnp.float32),
+        _q_blocks(out, num_kv_heads, config).astype(jnp.float32),
+    ).reshape(lse_blocks.shape)  # [nq, H, Bq] # fmt: skip
+
+    def one_kv_block(carry, j):
+        dq_all, dbias_all = carry  # [nq, Hkv, G, Bq, Dh] f32, [Hb, Lq', Lk'] f32 or None
+        k_blk, v_blk = k_blocks[j], v_blocks[j]
+
+        def step(i, inner):
+            dk, dv, dq_all, dbias_all = inner
+            q_blk, do_blk = q_blocks[i], do_blocks[i]
+            s = _scores(q_blk, k_blk, _slice_block(bias_b, i, j, config), config)
+            visible = _block_mask(i, j, mask_b, q_offset, kv_length, config)
+            p = jnp.where(visible, jnp.exp(s - lse_blocks[i][..., None]), 0.0)  # [H, Bq, Bk]
+            p_g = _grouped(p, hkv)
+            dv = dv + jnp.einsum("hgqk,hgqd->hkd", p_g.astype(v.dtype), do_blk,
+                                 preferred_element_type=jnp.float32)  # fmt: skip
+            dp = jnp.einsum("hgqd,hkd->hgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
+            ds = p_g * (dp - _grouped(delta_blocks[i], hkv)[..., None])  # [Hkv, G, Bq, Bk]
+            dk = dk + jnp.einsum("hgqk,hgqd->hkd", ds.astype(q.dtype), q_blk,
+                                 preferred_element_type=jnp.float32)  # fmt: skip
+            dq_blk = jnp.einsum("hgqk,hkd->hgqd", ds.astype(k.dtype), k_blk,
+                                preferred_element_type=jnp.float32)  # fmt: skip
+            dq_all = dq_all.at[i].add(dq_blk)
+            if dbias_all is not None:
+                ds_h = ds.reshape(-1, config.block_q, config.block_k)
+                ds_h = ds_h if dbias_all.shape[0] > 1 else ds_h.sum(0, keepdims=True)
+                start = (0, i * config.block_q, j * config.block_k)
+                old = jax.lax.dynamic_slice(dbias_all, start, ds_h.shape)
+                dbias_all = jax.lax.dynamic_update_slice(dbias_all, old + ds_h, start)
+            return dk, dv, dq_all, dbias_all
+
+        lo, hi = _visible_q_blocks(j, q_offset, kv_length, config)
+        zeros = jnp.zeros(k_blk.shape, jnp.float32)
+        dk, dv, dq_all, dbias_all = jax.lax.fori_loop(
+            lo, hi, step, (zeros, zeros, dq_all, dbias_all)
+        )
+        return (dq_all, dbias_all), (dk * config.scale, dv)
+
+    dq0 = jnp.zeros(q_blocks.shape, jnp.float32)
+    dbias0 = None if bias_b is None else jnp.zeros(bias_b.shape, jnp.float32)
+    (dq_blocks, dbias), (dk_blocks, dv_blocks) = jax.lax.scan(
+        one_kv_block, (dq0, dbias0), jnp.arange(k_blocks.shape[0])
+    )
+    dq = _q_unblock(dq_blocks * config.scale, config.length_q).astype(q.dtype)
+    dk = _kv_unblock(dk_blocks, config.length_k).astype(k.dtype)
+    dv = _kv_unblock(dv_blocks, config.length_k).astype(v.dtype)
+    if dbias is not None:
+        dbias = dbias[:, : config.length_q, : config.length_k].astype(bias.dtype)
+    return dq, dk, dv, None, dbias, None, None
+
+
+# ---------------------------------------------------------------------------
+# The differentiable op
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, mask, bias, q_offset, kv_length, config):
+    return _forward(q, k, v, mask, bias, q_offset, kv_length, config)[0]
+
+
+def _flash_fwd(q, k, v, mask, bias, q_offset, kv_length, config):
+    out, lse = _forward(q, k, v, mask, bias, q_offset, kv_length, config)
+    return out, (q, k, v, mask, bias, q_offset, kv_length, out, lse)
+
+
+_flash.defvjp(_flash_fwd, _backward)
+
+
+def flops(length_q: int, length_k: int, num_heads: int, head_dim: int, causal: bool) -> float:
+    """Matmul FLOPs of the attention core (forward): 2 matmuls of 2·Lq·Lk·Dh per head."""
+    total = 4.0 * length_q * length_k * head_dim * num_heads
+    return total / 2 if causal else total
+

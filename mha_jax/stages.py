@@ -1,0 +1,102 @@
+"""One function per stage of the chapter, each for a single sequence.
+
+    x [L, D] --project--> [L, H*Dh] --split_heads--> [L, H, Dh]
+    q, k --attention_scores--> scores [H, Lq, Lk]     (float32, scaled)
+    scores, mask --attention_weights--> weights [H, Lq, Lk]   (float32 softmax)
+    weights, v --apply_weights--> heads [Lq, H, Dh] --merge_heads--> [Lq, H*Dh]
+
+Grouped-query attention needs no copies of k and v: query head `h` reads
+kv head `h // G` (G = H // Hkv), the grouping of jax.nn, Flax NNX and torch,
+written as a reshape of the query heads into `[Hkv, G]`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jaxtyping import Bool, Float
+
+from mha_jax import _checks
+
+
+def project(
+    x: Float[Array, "L D_in"], w: Float[Array, "D_in D_out"], b: Float[Array, " D_out"] | None
+) -> Float[Array, "L D_out"]:
+    """`x @ w + b`: the chapter's multiplication by Wq, Wk, Wv (and Wo)."""
+    y = x @ w
+    return y if b is None else y + b
+
+
+def split_heads(x: Float[Array, "L HDh"], num_heads: int) -> Float[Array, "L H Dh"]:
+    """`[L, H*Dh] -> [L, H, Dh]`: head `h` owns features `h*Dh:(h+1)*Dh`."""
+    length, features = x.shape
+    _checks.check_divides("projected features", features, "num_heads", num_heads)
+    return x.reshape(length, num_heads, features // num_heads)
+
+
+def merge_heads(heads: Float[Array, "L H Dh"]) -> Float[Array, "L HDh"]:
+    """`[L, H, Dh] -> [L, H*Dh]`, the inverse of `split_heads`."""
+    length, num_heads, head_dim = heads.shape
+    return heads.reshape(length, num_heads * head_dim)
+
+
+def attention_scores(
+    q: Float[Array, "Lq H Dh"], k: Float[Array, "Lk Hkv Dh"], scale: float | None = None
+) -> Float[Array, "H Lq Lk"]:
+    """`q kᵀ * scale` per head, accumulated and returned in float32.
+
+    `scale` defaults to `1/sqrt(Dh)`. Accumulating in float32
+    (`preferred_element_type`) matters more than a float32 softmax: bf16
+    logits are already ~20x less accurate (ANCHORS §3.2).
+    """
+    length_q, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    scale = head_dim**-0.5 if scale is None else scale
+    grouped = q.reshape(length_q, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("qhgd,khd->hgqk", grouped, k, preferred_element_type=jnp.float32)
+    return scores.reshape(num_heads, length_q, k.shape[0]) * scale
+
+
+def attention_weights(
+    scores: Float[Array, "H Lq Lk"], mask: Bool[Array, "#H Lq Lk"] | None = None
+) -> Float[Array, "H Lq Lk"]:
+    """Softmax over keys in float32; masked weights are exactly 0.
+
+    A row with no visible key gets all-zero weights (hence a zero output and
+    zero gradients), not NaN (`-inf` fill) and not the mean of V (finite fill).
+    Masking uses `where`, so no large negative constant can overflow.
+    """
+    scores = scores.astype(jnp.float32)
+    if mask is None:
+        mask = jnp.ones((), dtype=bool)
+    row_max = jnp.max(scores, axis=-1, keepdims=True, where=mask, initial=-jnp.inf)
+    # Subtracting any per-row constant leaves the softmax unchanged, so the max
+    # needs no gradient; a fully masked row has max -inf: shift it by 0 instead.
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    # Double `where`: masked entries never reach `exp`, so their gradient is 0, not NaN.
+    shifted = jnp.where(mask, scores - row_max, 0.0)
+    unnormalised = jnp.where(mask, jnp.exp(shifted), 0.0)
+    total = unnormalised.sum(axis=-1, keepdims=True)
+    return unnormalised / jnp.where(total > 0, total, 1.0)
+
+
+def dropout_weights(
+    weights: Float[Array, "H Lq Lk"], rate: float, rng: Array
+) -> Float[Array, "H Lq Lk"]:
+    """Inverted dropout on the attention weights, independent per head."""
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0).astype(weights.dtype)
+
+
+def apply_weights(
+    weights: Float[Array, "H Lq Lk"], v: Float[Array, "Lk Hkv Dh"]
+) -> Float[Array, "Lq H Dh"]:
+    """`weights · v` per head: each query's weighted sum of the values."""
+    num_heads, length_q, length_k = weights.shape
+    num_kv_heads = v.shape[1]
+    grouped = weights.astype(v.dtype).reshape(
+        num_kv_heads, num_heads // num_kv_heads, length_q, length_k
+    )
+    heads = jnp.einsum("hgqk,khd->qhgd", grouped, v, preferred_element_type=jnp.float32)
+    return heads.reshape(length_q, num_heads, v.shape[2]).astype(v.dtype)
