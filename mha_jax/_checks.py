@@ -36,11 +36,11 @@ def check_shape(name: str, x, expected: Sequence[int | None], legend: str) -> No
         raise fail(name, f"have shape {legend}={want}", f"shape {shape}")
 
 
-def check_one_of_shapes(name: str, x, options: dict[str, tuple[int, ...]]) -> None:
-    """`options` maps a legend like "[Lq, Lk]" to the concrete shape it means."""
+def check_one_of_shapes(name: str, x, options: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+    """`options` pairs a legend like "[Lq, Lk]" with the concrete shape it means."""
     shape = tuple(jnp.shape(x))
-    if shape not in options.values():
-        want = " or ".join(f"{legend}={s}" for legend, s in options.items())
+    if shape not in [s for _, s in options]:
+        want = " or ".join(f"{legend}={s}" for legend, s in options)
         raise fail(name, f"have shape {want}", f"shape {shape}")
 
 

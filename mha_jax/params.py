@@ -119,12 +119,18 @@ def init_params(
     sizes = resolve_sizes(
         d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, d_kv=d_kv, d_out=d_out
     )
-    shapes = param_shapes(**sizes, use_bias=use_bias)
     rngs = dict(zip(PARAM_NAMES, jax.random.split(rng, len(PARAM_NAMES)), strict=True))
+    return build_params(
+        lambda name, shape: init_param(rngs[name], name, shape, dtype, kernel_init, bias_init),
+        param_shapes(**sizes, use_bias=use_bias),
+    )
+
+
+def build_params(
+    make: Callable[[str, tuple[int, ...]], Array], shapes: dict[str, tuple[int, ...] | None]
+) -> MHAParams:
+    """`MHAParams` whose arrays come from `make(name, shape)`: the one place
+    parameters are created, for `init_params` and both Flax modules."""
     return MHAParams(
-        **{
-            name: None if shape is None
-            else init_param(rngs[name], name, shape, dtype, kernel_init, bias_init)
-            for name, shape in shapes.items()
-        }
-    )  # fmt: skip
+        **{name: None if shape is None else make(name, shape) for name, shape in shapes.items()}
+    )

@@ -44,7 +44,7 @@ def merge_heads(heads: Float[Array, "L H Dh"]) -> Float[Array, "L HDh"]:
 def attention_scores(
     q: Float[Array, "Lq H Dh"], k: Float[Array, "Lk Hkv Dh"], scale: float | None = None
 ) -> Float[Array, "H Lq Lk"]:
-    """`q kᵀ * scale` per head, accumulated and returned in float32.
+    """`q kᵀ * scale` per head, accumulated and returned in float32 (or wider).
 
     `scale` defaults to `1/sqrt(Dh)`. Accumulating in float32
     (`preferred_element_type`) matters more than a float32 softmax: bf16
@@ -54,12 +54,13 @@ def attention_scores(
     num_kv_heads = k.shape[1]
     scale = head_dim**-0.5 if scale is None else scale
     grouped = q.reshape(length_q, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("qhgd,khd->hgqk", grouped, k, preferred_element_type=jnp.float32)
+    accumulate = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays float64
+    scores = jnp.einsum("qhgd,khd->hgqk", grouped, k, preferred_element_type=accumulate)
     return scores.reshape(num_heads, length_q, k.shape[0]) * scale
 
 
 def attention_weights(
-    scores: Float[Array, "H Lq Lk"], mask: Bool[Array, "#H Lq Lk"] | None = None
+    scores: Float[Array, "H Lq Lk"], mask: Bool[Array, "*#heads Lq Lk"] | None = None
 ) -> Float[Array, "H Lq Lk"]:
     """Softmax over keys in float32; masked weights are exactly 0.
 
@@ -67,7 +68,7 @@ def attention_weights(
     zero gradients), not NaN (`-inf` fill) and not the mean of V (finite fill).
     Masking uses `where`, so no large negative constant can overflow.
     """
-    scores = scores.astype(jnp.float32)
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
     if mask is None:
         mask = jnp.ones((), dtype=bool)
     row_max = jnp.max(scores, axis=-1, keepdims=True, where=mask, initial=-jnp.inf)
@@ -98,5 +99,6 @@ def apply_weights(
     grouped = weights.astype(v.dtype).reshape(
         num_kv_heads, num_heads // num_kv_heads, length_q, length_k
     )
-    heads = jnp.einsum("hgqk,khd->qhgd", grouped, v, preferred_element_type=jnp.float32)
+    accumulate = jnp.promote_types(v.dtype, jnp.float32)
+    heads = jnp.einsum("hgqk,khd->qhgd", grouped, v, preferred_element_type=accumulate)
     return heads.reshape(length_q, num_heads, v.shape[2]).astype(v.dtype)

@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.typing import ArrayLike
 
 from mha_jax import _checks, implementations
 from mha_jax.masks import Structure, normalize_window
@@ -31,19 +32,19 @@ from mha_jax.stages import (
 
 def attention(
     params: MHAParams,
-    x_q: Array,
-    x_kv: Array | None = None,
+    x_q: ArrayLike,
+    x_kv: ArrayLike | None = None,
     *,
     num_heads: int,
-    mask: Array | None = None,
+    mask: ArrayLike | None = None,
     is_causal: bool = False,
-    q_offset: int | Array = 0,
-    kv_length: int | Array | None = None,
+    q_offset: int | ArrayLike = 0,
+    kv_length: int | ArrayLike | None = None,
     window: int | tuple[int, int] | None = None,
-    bias: Array | None = None,
+    bias: ArrayLike | None = None,
     scale: float | None = None,
     dropout_rate: float = 0.0,
-    rng: Array | None = None,
+    rng: ArrayLike | None = None,
     deterministic: bool = True,
     return_weights: bool = False,
     dtype=None,
@@ -64,7 +65,9 @@ def attention(
 
     A query row with no visible key returns zeros, with zero gradients.
     """
-    x_kv = x_q if x_kv is None else x_kv
+    x_q = jnp.asarray(x_q)
+    x_kv = x_q if x_kv is None else jnp.asarray(x_kv)
+    mask, bias = (None if a is None else jnp.asarray(a) for a in (mask, bias))
     sizes = check_arguments(
         params, x_q, x_kv, num_heads=num_heads, mask=mask, bias=bias, kv_length=kv_length,
         q_offset=q_offset, dropout_rate=dropout_rate, rng=rng, deterministic=deterministic,
@@ -76,7 +79,7 @@ def attention(
         dropout_rate=dropout, return_weights=return_weights, dtype=dtype,
     )  # fmt: skip
     dtype = jnp.result_type(x_q) if dtype is None else jnp.dtype(dtype)
-    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
     x_q, x_kv = zero_hidden_rows(x_q.astype(dtype), x_kv.astype(dtype), mask, kv_length)
 
     q = split_heads(project(x_q, params.w_q, params.b_q), num_heads)  # [Lq, H, Dh]
@@ -103,7 +106,7 @@ def reference_core(q, k, v, *, mask, bias, structure, scale, dropout_rate, rng):
         mask = rules if mask is None else mask & rules
     scores = attention_scores(q, k, scale)  # [H, Lq, Lk] float32
     if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
+        scores = scores + bias.astype(scores.dtype)
     weights = attention_weights(scores, mask).astype(v.dtype)  # [H, Lq, Lk]
     kept = weights if dropout_rate == 0.0 else dropout_weights(weights, dropout_rate, rng)
     heads = apply_weights(kept, v)  # [Lq, H, Dh]
@@ -161,13 +164,12 @@ def check_arguments(
         if getattr(params, name) is not None:
             _checks.check_shape(f"params.{name}", getattr(params, name), (width,), "[features]")
 
-    per_example = {"[Lq, Lk]": (length_q, length_k), "[H, Lq, Lk]": (num_heads, length_q, length_k)}
-    if batch:
-        per_example = {
-            f"[B|1, {legend[1:]}": shape
-            for legend, shape in per_example.items()
-            for shape in ((*batch, *shape), (1, *shape))
-        }
+    per_example = [("[Lq, Lk]", (length_q, length_k)),
+                   ("[H, Lq, Lk]", (num_heads, length_q, length_k))]  # fmt: skip
+    if batch:  # a leading 1 is shared across the batch
+        per_example = [(f"[{lead}, {legend[1:]}", (size, *shape))
+                       for legend, shape in per_example
+                       for lead, size in (("B", batch[0]), ("1", 1))]  # fmt: skip
     if mask is not None:
         _checks.check_bool("mask", mask)
         _checks.check_one_of_shapes("mask", mask, per_example)
@@ -195,8 +197,8 @@ _STATIC = ("num_heads", "is_causal", "static_q_offset", "window", "scale", "drop
            "deterministic", "return_weights", "dtype", "implementation")  # fmt: skip
 
 
-def batched_attention(params: MHAParams, x_q: Array, x_kv: Array | None = None, *,
-                      q_offset: int | Array = 0, **options):  # fmt: skip
+def batched_attention(params: MHAParams, x_q: ArrayLike, x_kv: ArrayLike | None = None, *,
+                      q_offset: int | ArrayLike = 0, **options):  # fmt: skip
     """`attention` over a batch: `[B, Lq, D], [B, Lk, D_kv] -> [B, Lq, D_out]`, jitted.
 
     Takes the keyword arguments of `attention`. Per-example arguments gain a

@@ -1,0 +1,43 @@
+"""The logic both Flax wrappers share, so `nnx` and `linen` differ only in how
+they store parameters and random keys."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from mha_jax import _checks
+from mha_jax.core import batched_attention
+
+
+def resolve_deterministic(call_value: bool | None, module_value: bool | None, rate: float) -> bool:
+    """Flax's rule: the call's flag wins over the module's; with dropout one must be set."""
+    if rate == 0.0:
+        return True
+    for value in (call_value, module_value):
+        if value is not None:
+            return bool(value)
+    raise ValueError(
+        "deterministic must be given to the constructor or the call when dropout_rate > 0; "
+        "got None for both"
+    )
+
+
+def forward(params, x_q, x_kv, *, num_heads, want_weights, mask=None, bias=None,
+            kv_length=None, q_offset=0, **options):  # fmt: skip
+    """`[B, Lq, D]` or unbatched `[Lq, D]` inputs -> (out, weights or None)."""
+    x_kv = x_q if x_kv is None else x_kv
+    if jnp.ndim(x_q) not in (2, 3):
+        raise _checks.fail("x_q", "have rank 3 [B, Lq, D] or rank 2 [Lq, D]",
+                           f"shape {jnp.shape(x_q)}")  # fmt: skip
+    unbatched = jnp.ndim(x_q) == 2
+    if unbatched:  # one example: lend it a batch axis of 1
+        add = lambda a: None if a is None else jnp.asarray(a)[None]
+        x_q, x_kv, mask, bias, kv_length = map(add, (x_q, x_kv, mask, bias, kv_length))
+    result = batched_attention(
+        params, x_q, x_kv, num_heads=num_heads, mask=mask, bias=bias, kv_length=kv_length,
+        q_offset=q_offset, return_weights=want_weights, **options,
+    )  # fmt: skip
+    out, weights = result if want_weights else (result, None)
+    if unbatched:
+        out, weights = out[0], None if weights is None else weights[0]
+    return out, weights

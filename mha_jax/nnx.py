@@ -1,0 +1,106 @@
+"""`flax.nnx` wrapper: creates the `MHAParams` arrays as `nnx.Param`s and calls the core."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mha_jax import _module
+from mha_jax.params import (
+    PARAM_NAMES,
+    MHAParams,
+    build_params,
+    default_bias_init,
+    default_kernel_init,
+    init_param,
+    param_shapes,
+    resolve_sizes,
+)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention over `[B, L, D]` (or unbatched `[L, D]`) inputs.
+
+    Parameters are named `w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o` with the
+    layout of `mha_jax.MHAParams`; `module.params` returns them as one.
+
+    >>> layer = MultiHeadAttention(768, 12, rngs=nnx.Rngs(0))
+    >>> y = layer(x, is_causal=True)   # x: [B, L, 768] -> y: [B, L, 768]
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        in_kv_features: int | None = None,
+        out_features: int | None = None,
+        use_bias: bool = True,
+        scale: float | None = None,
+        dropout_rate: float = 0.0,
+        deterministic: bool | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        implementation: str = "auto",
+        sow_weights: bool = False,
+        kernel_init=default_kernel_init,
+        bias_init=default_bias_init,
+        rngs: nnx.Rngs,
+    ):
+        sizes = resolve_sizes(in_features, num_heads, num_kv_heads=num_kv_heads,
+                              head_dim=head_dim, d_kv=in_kv_features, d_out=out_features)  # fmt: skip
+        params = build_params(
+            lambda name, shape: nnx.Param(
+                init_param(rngs.params(), name, shape, param_dtype, kernel_init, bias_init)
+            ),
+            param_shapes(**sizes, use_bias=use_bias),
+        )
+        for name in PARAM_NAMES:
+            setattr(self, name, getattr(params, name))
+        self.num_heads = num_heads
+        self.scale, self.dropout_rate, self.deterministic = scale, dropout_rate, deterministic
+        self.dtype, self.implementation, self.sow_weights = dtype, implementation, sow_weights
+        self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
+
+    @property
+    def params(self) -> MHAParams:
+        return MHAParams(*(None if p is None else p[...] for p in map(self.__getattribute__,
+                                                                       PARAM_NAMES)))  # fmt: skip
+
+    def __call__(
+        self,
+        x_q,
+        x_kv=None,
+        *,
+        mask=None,
+        is_causal: bool = False,
+        q_offset=0,
+        kv_length=None,
+        window=None,
+        bias=None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+        return_weights: bool = False,
+    ):
+        """`mask`, `bias`, `kv_length`, `q_offset`: as `mha_jax.batched_attention`."""
+        deterministic = _module.resolve_deterministic(
+            deterministic, self.deterministic, self.dropout_rate
+        )
+        rng = None
+        if not deterministic:
+            stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs or self.rngs
+            if stream is None:
+                raise ValueError("rngs must be given to the call when dropout is on; got None")
+            rng = stream()
+        out, weights = _module.forward(
+            self.params, x_q, x_kv, num_heads=self.num_heads,
+            want_weights=return_weights or self.sow_weights, mask=mask, bias=bias,
+            kv_length=kv_length, q_offset=q_offset, is_causal=is_causal, window=window,
+            scale=self.scale, dropout_rate=self.dropout_rate, rng=rng,
+            deterministic=deterministic, dtype=self.dtype, implementation=self.implementation,
+        )  # fmt: skip
+        if self.sow_weights:
+            self.sow(nnx.Intermediate, "attention_weights", weights)
+        return (out, weights) if return_weights else out
