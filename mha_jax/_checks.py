@@ -32,7 +32,8 @@ def check_shape(name: str, x, expected: Sequence[int | None], legend: str) -> No
         e is None or s == e for s, e in zip(shape, expected, strict=True)
     )
     if not ok:
-        want = tuple("*" if e is None else e for e in expected)
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        want = f"({want},)" if len(expected) == 1 else f"({want})"
         raise fail(name, f"have shape {legend}={want}", f"shape {shape}")
 
 
