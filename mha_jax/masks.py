@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import Array
+from jax.typing import ArrayLike
 from jaxtyping import Bool, Int
 
 Window = tuple[int, int]
@@ -66,7 +67,7 @@ class Structure(NamedTuple):
         return allowed
 
 
-def causal_mask(length_q: int, length_k: int | None = None, *, q_offset: int = 0) -> Array:
+def causal_mask(length_q: int, length_k: int | None = None, *, q_offset: ArrayLike = 0) -> Array:
     """`[Lq, Lk]` lower-triangular mask, top-left aligned and shifted by `q_offset`."""
     length_k = length_q if length_k is None else length_k
     return Structure(is_causal=True, q_offset=q_offset).allows(
@@ -75,7 +76,7 @@ def causal_mask(length_q: int, length_k: int | None = None, *, q_offset: int = 0
 
 
 def local_mask(
-    length_q: int, length_k: int, window: int | tuple[int, int], *, q_offset: int = 0
+    length_q: int, length_k: int, window: int | tuple[int, int], *, q_offset: ArrayLike = 0
 ) -> Array:
     """`[Lq, Lk]` band mask: each query sees keys within `window` positions."""
     return Structure(window=normalize_window(window), q_offset=q_offset).allows(
@@ -84,10 +85,10 @@ def local_mask(
 
 
 def padding_mask(
-    kv_lengths: Array | int,
+    kv_lengths: ArrayLike,
     length_q: int,
     length_k: int,
-    q_lengths: Array | int | None = None,
+    q_lengths: ArrayLike | None = None,
 ) -> Array:
     """`[..., Lq, Lk]` mask from valid lengths (a scalar, or `[B]` for a batch).
 
@@ -103,7 +104,7 @@ def padding_mask(
     return mask
 
 
-def combine(*masks: Array | None) -> Array | None:
+def combine(*masks: ArrayLike | None) -> Array | None:
     """Logical AND of the given masks (broadcasting); `None` entries are skipped."""
     present = [m for m in masks if m is not None]
     if not present:
