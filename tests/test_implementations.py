@@ -1,0 +1,178 @@
+"""Every implementation equals the reference: forward and gradients, on random
+shapes, masks and options (hypothesis), plus the memory-scaling promise."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mha_jax as mj
+from mha_jax import implementations
+from mha_jax.masks import Structure
+
+
+def core(name, q, k, v, *, mask=None, bias=None, structure=Structure(), scale=None,
+         block_sizes=None):
+    if name == "reference":
+        return mj.reference_core(q, k, v, mask=mask, bias=bias, structure=structure, scale=scale,
+                                 dropout_rate=0.0, rng=None)[0]
+    if name == "blockwise" and block_sizes is not None:
+        return mj.blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure,
+                                      scale=scale, block_sizes=block_sizes)
+    return implementations.run(name, q, k, v, mask=mask, bias=bias, structure=structure,
+                               scale=scale)
+
+
+@st.composite
+def problems(draw, allow_mask=True, allow_bias=True):
+    """Random sizes (not multiples of the blocks), GQA, structure, masks with
+    mostly non-empty rows and some fully masked ones."""
+    length_q, length_k = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    num_kv_heads = draw(st.sampled_from([1, 2]))
+    num_heads = num_kv_heads * draw(st.sampled_from([1, 2, 3]))
+    head_dim = draw(st.sampled_from([4, 8]))
+    seed = draw(st.integers(0, 2**16))
+    structure = Structure(
+        is_causal=draw(st.booleans()),
+        q_offset=draw(st.integers(-3, 10)),
+        kv_length=draw(st.none() | st.integers(0, length_k)),
+        window=draw(st.none() | st.tuples(st.integers(0, 6), st.integers(0, 6))),
+    )
+    mask = bias = None
+    rngs = jax.random.split(jax.random.PRNGKey(seed), 6)
+    if allow_mask and draw(st.booleans()):
+        heads = draw(st.sampled_from([1, num_heads]))
+        mask = jax.random.bernoulli(rngs[3], 0.7, (heads, length_q, length_k))
+        mask = mask.at[:, :, 0].set(True)  # non-empty rows...
+        if length_q > 1:
+            mask = mask.at[:, length_q // 2].set(False)  # ...and one fully masked row
+        mask = mask if heads > 1 or draw(st.booleans()) else mask[0]
+    if allow_bias and draw(st.booleans()):
+        bias = jax.random.normal(rngs[4], (num_heads, length_q, length_k))
+    q = jax.random.normal(rngs[0], (length_q, num_heads, head_dim))
+    k = jax.random.normal(rngs[1], (length_k, num_kv_heads, head_dim))
+    v = jax.random.normal(rngs[2], (length_k, num_kv_heads, head_dim))
+    blocks = (draw(st.sampled_from([4, 8, 16])), draw(st.sampled_from([4, 8, 16])))
+    return dict(q=q, k=k, v=v, mask=mask, bias=bias, structure=structure, blocks=blocks,
+                cotangent=jax.random.normal(rngs[5], q.shape))
+
+
+def assert_matches_reference(name, p, rtol=2e-5, atol=2e-5, grads=True):
+    def run(impl, q, k, v, bias):
+        return core(impl, q, k, v, mask=p["mask"], bias=bias, structure=p["structure"],
+                    block_sizes=p["blocks"] if impl == "blockwise" else None)
+
+    args = (p["q"], p["k"], p["v"], p["bias"])
+    expected = run("reference", *args)
+    actual = jax.jit(functools.partial(run, name))(*args)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+    if grads:
+        argnums = (0, 1, 2) + ((3,) if p["bias"] is not None else ())
+        vjp = lambda impl: jax.grad(lambda *a: (run(impl, *a) * p["cotangent"]).sum(),
+                                    argnums=argnums)(*args)
+        for a, b in zip(jax.jit(lambda: vjp(name))(), vjp("reference"), strict=True):
+            np.testing.assert_allclose(a, b, rtol=10 * rtol, atol=10 * atol)
+
+
+# Each example compiles a forward and a backward (~5 s on 2 cores): CI runs a
+# handful; MHA_JAX_EXAMPLES=10 runs ten times as many.
+SCALE = float(os.environ.get("MHA_JAX_EXAMPLES", "1"))
+
+
+@settings(max_examples=int(16 * SCALE))
+@given(problems())
+def test_blockwise_matches_reference(p):
+    assert_matches_reference("blockwise", p)
+
+
+@settings(max_examples=int(6 * SCALE))
+@given(problems())
+def test_xla_matches_reference(p):
+    assert_matches_reference("xla", p)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+def test_pallas_interpret_matches_reference(is_causal, num_kv_heads):
+    rngs = jax.random.split(jax.random.PRNGKey(7), 4)
+    q = jax.random.normal(rngs[0], (32, 2, 16))
+    k = jax.random.normal(rngs[1], (32, num_kv_heads, 16))
+    v = jax.random.normal(rngs[2], (32, num_kv_heads, 16))
+    p = dict(q=q, k=k, v=v, mask=None, bias=None, structure=Structure(is_causal=is_causal),
+             blocks=None, cotangent=jax.random.normal(rngs[3], q.shape))
+    assert_matches_reference("pallas", p, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["blockwise", "xla"])
+def test_fully_masked_rows_are_zero_in_every_implementation(name):
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (6, 2, 4)) for i in range(3))
+    mask = jnp.ones((6, 6), bool).at[2].set(False)
+    out = core(name, q, k, v, mask=mask)
+    np.testing.assert_array_equal(out[2], 0.0)
+    out = core(name, q, k, v, structure=Structure(kv_length=0))
+    np.testing.assert_array_equal(out, 0.0)
+    grads = jax.grad(lambda q, k, v: core(name, q, k, v, mask=mask).sum(), argnums=(0, 1, 2))(
+        q, k, v)
+    assert all(jnp.all(jnp.isfinite(g)) for g in grads)
+    np.testing.assert_array_equal(grads[0][2], 0.0)
+
+
+@pytest.mark.parametrize("name", ["blockwise", "xla"])
+def test_end_to_end_options_match_reference(name):
+    params = mj.init_params(jax.random.PRNGKey(0), 24, 6, num_kv_heads=2)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 37, 24))
+    options = dict(num_heads=6, is_causal=True, kv_length=jnp.array([37, 20, 5]),
+                   q_offset=jnp.array([0, 3, -2]))
+    np.testing.assert_allclose(
+        mj.batched_attention(params, x, implementation=name, **options),
+        mj.batched_attention(params, x, implementation="reference", **options),
+        rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["blockwise", "xla"])
+def test_bf16_error_is_at_most_twice_the_reference_bf16_error(name):
+    rngs = jax.random.split(jax.random.PRNGKey(3), 3)
+    q = jax.random.normal(rngs[0], (200, 4, 32)) * 2
+    k = jax.random.normal(rngs[1], (300, 2, 32)) * 2
+    v = jax.random.normal(rngs[2], (300, 2, 32))
+    structure = Structure(is_causal=True, q_offset=100)
+    exact = core("reference", q, k, v, structure=structure)
+    low = lambda impl: core(impl, *(x.astype(jnp.bfloat16) for x in (q, k, v)),
+                            structure=structure).astype(jnp.float32)
+    reference_error = float(jnp.abs(low("reference") - exact).max())
+    error = float(jnp.abs(low(name) - exact).max())
+    assert error <= 2 * reference_error + 1e-6, (error, reference_error)
+
+
+def temp_bytes(name, length):
+    q = jax.ShapeDtypeStruct((length, 4, 64), jnp.float32)
+    def loss(q, k, v):
+        return core(name, q, k, v, structure=Structure(is_causal=True)).sum()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_blockwise_memory_grows_linearly_while_reference_grows_quadratically():
+    # forward+backward, L -> 4L
+    reference_growth = temp_bytes("reference", 2048) / temp_bytes("reference", 512)
+    blockwise_growth = temp_bytes("blockwise", 2048) / temp_bytes("blockwise", 512)
+    assert reference_growth > 12, reference_growth
+    assert blockwise_growth < 5, blockwise_growth
+
+
+def test_auto_picks_reference_when_short_and_blockwise_when_long_on_cpu():
+    sizes = lambda length: dict(num_heads=4, num_kv_heads=4, head_dim=8, length_q=length,
+                                length_k=length)
+    pick = lambda length, **kw: implementations.resolve(
+        "auto", jnp.ones((length, 32)), sizes(length), Structure(), mask=None, bias=None,
+        scale=None, dropout_rate=kw.get("dropout_rate", 0.0),
+        return_weights=kw.get("return_weights", False), dtype=None)
+    assert pick(16) == "reference"
+    assert pick(4096) == "blockwise"
+    assert pick(4096, return_weights=True) == "reference"  # the only one that can
+    assert pick(4096, dropout_rate=0.1) == "reference"
