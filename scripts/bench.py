@@ -1,0 +1,370 @@
+"""Side-by-side speed and memory of attention implementations on this machine.
+
+    python scripts/bench.py                 # time table (about 10 min on 2 CPU cores)
+    python scripts/bench.py --quick         # two small shapes, a few rounds
+    python scripts/bench.py --memory        # peak RSS vs L, one fresh process per point
+
+Time mode: every candidate is compiled and warmed up, then timed in rounds,
+interleaved round-robin (each round runs every candidate once, in a shuffled
+order) so machine noise hits all alike; we report medians with min-max, the
+ratio to flax.linen's MultiHeadDotProductAttention, achieved GFLOP/s and the
+percentage of a large `jnp.dot` measured in the same process. All candidates
+include the four projections (full layer: D=768 -> 12 heads of 64 -> D).
+
+Memory mode: each (candidate, L) runs forward+backward at B=1 in a fresh
+subprocess with its data segment capped, and reports peak RSS; a candidate is
+dropped after it fails or passes the cap.
+
+Writes JSON, Markdown and a PNG (time and memory against L) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+D_MODEL, NUM_HEADS = 768, 12
+HEAD_DIM = D_MODEL // NUM_HEADS
+
+# (B, L, pass, causal)
+SHAPES = [
+    (4, 16, "fwd", False), (4, 16, "fwd+bwd", False),
+    (8, 512, "fwd", False), (8, 512, "fwd+bwd", False),
+    (1, 2048, "fwd", False),
+    (1, 4096, "fwd", False), (1, 4096, "fwd", True), (1, 4096, "fwd+bwd", False),
+    (1, 4096, "fwd+bwd", True),
+]  # fmt: skip
+QUICK = [(4, 16, "fwd", False), (1, 1024, "fwd+bwd", True)]
+
+
+# ---------------------------------------------------------------------------
+# Candidates: each returns f(x) -> something to block on, for a [B, L, D] input
+
+
+def mha_jax_candidate(implementation: str, causal: bool, backward: bool):
+    import mha_jax
+
+    params = mha_jax.init_params(jax.random.PRNGKey(0), D_MODEL, NUM_HEADS)
+
+    def forward(params, x):
+        return mha_jax.batched_attention(params, x, num_heads=NUM_HEADS, is_causal=causal,
+                                         implementation=implementation)  # fmt: skip
+
+    return _wrap(forward, params, backward)
+
+
+def flax_linen_candidate(causal: bool, backward: bool):
+    import flax.linen as nn
+
+    module = nn.MultiHeadDotProductAttention(num_heads=NUM_HEADS)
+    x0 = jnp.ones((1, 8, D_MODEL))
+    params = module.init(jax.random.PRNGKey(0), x0, x0)
+
+    def forward(params, x):  # linen's module has no is_causal: users pass a causal mask
+        mask = nn.make_causal_mask(x[..., 0], dtype=bool) if causal else None
+        return module.apply(params, x, x, mask=mask)
+
+    return _wrap(forward, params, backward)
+
+
+def flax_nnx_candidate(causal: bool, backward: bool):
+    from flax import nnx
+
+    module = nnx.MultiHeadAttention(NUM_HEADS, D_MODEL, decode=False, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(module)
+
+    def forward(params, x):
+        return nnx.merge(graphdef, params)(x, is_causal=causal)
+
+    return _wrap(forward, params, backward)
+
+
+def jax_nn_candidate(causal: bool, backward: bool):
+    import mha_jax
+
+    params = mha_jax.init_params(jax.random.PRNGKey(0), D_MODEL, NUM_HEADS)
+
+    def forward(params, x):
+        batch, length, _ = x.shape
+        split = lambda w, b: (x @ w + b).reshape(batch, length, NUM_HEADS, HEAD_DIM)
+        q, k, v = split(params.w_q, params.b_q), split(params.w_k, params.b_k), split(
+            params.w_v, params.b_v)
+        heads = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+        return heads.reshape(batch, length, D_MODEL) @ params.w_o + params.b_o
+
+    return _wrap(forward, params, backward)
+
+
+def _wrap(forward, params, backward):
+    if not backward:
+        return jax.jit(lambda x: forward(params, x))
+    loss = lambda params, x: jnp.sum(forward(params, x) ** 2)
+    return jax.jit(lambda x: jax.grad(loss, argnums=(0, 1))(params, x))
+
+
+def torch_candidate(causal: bool, backward: bool):
+    import torch
+
+    torch.manual_seed(0)
+    projections = [torch.nn.Linear(D_MODEL, D_MODEL) for _ in range(4)]
+
+    def run(x_np):
+        x = torch.from_numpy(np.asarray(x_np)).requires_grad_(backward)
+        batch, length, _ = x.shape
+        q, k, v = (p(x).view(batch, length, NUM_HEADS, HEAD_DIM).transpose(1, 2)
+                   for p in projections[:3])  # fmt: skip
+        heads = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = projections[3](heads.transpose(1, 2).reshape(batch, length, D_MODEL))
+        if backward:
+            (out**2).sum().backward()
+        return out
+
+    if not backward:
+        def no_grad(x):
+            with torch.no_grad():
+                return run(x)
+        return no_grad
+    return run
+
+
+def candidates(causal: bool, backward: bool, include_torch: bool) -> dict:
+    made = {
+        "flax.linen": flax_linen_candidate(causal, backward),
+        "flax.nnx": flax_nnx_candidate(causal, backward),
+        "jax.nn+proj": jax_nn_candidate(causal, backward),
+        "mha_jax auto": mha_jax_candidate("auto", causal, backward),
+        "mha_jax reference": mha_jax_candidate("reference", causal, backward),
+        "mha_jax blockwise": mha_jax_candidate("blockwise", causal, backward),
+    }
+    if include_torch:
+        made["torch sdpa+proj"] = torch_candidate(causal, backward)
+    return made
+
+
+def torch_available() -> bool:
+    try:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        return True
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Time mode
+
+
+def flops(batch: int, length: int, causal: bool, backward: bool) -> float:
+    """Useful matmul FLOPs: 4 projections + QKᵀ and PV (half of them when causal)."""
+    projections = 4 * 2 * batch * length * D_MODEL * D_MODEL
+    attention = 2 * 2 * batch * length * length * D_MODEL * (0.5 if causal else 1.0)
+    return (projections + attention) * (3 if backward else 1)
+
+
+def block(result):
+    if hasattr(result, "detach"):
+        return result
+    return jax.block_until_ready(result)
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size))
+    dot = jax.jit(jnp.dot)
+    block(dot(a, a))
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        block(dot(a, a))
+        times.append(time.perf_counter() - begin)
+    return 2 * size**3 / statistics.median(times)
+
+
+def time_case(batch, length, mode, causal, rounds, include_torch, seed=0) -> dict:
+    backward = mode == "fwd+bwd"
+    made = candidates(causal, backward, include_torch)
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, length, D_MODEL))
+    x_np = np.asarray(x)
+    inputs = {name: (x_np if name.startswith("torch") else x) for name in made}
+    for name, f in made.items():  # compile and warm up
+        block(f(inputs[name]))
+        block(f(inputs[name]))
+    times = {name: [] for name in made}
+    order = list(made)
+    shuffle = random.Random(seed)
+    for _ in range(rounds):
+        shuffle.shuffle(order)
+        for name in order:
+            begin = time.perf_counter()
+            block(made[name](inputs[name]))
+            times[name].append(time.perf_counter() - begin)
+    return times
+
+
+def run_time_mode(shapes, rounds, include_torch, out_dir: Path) -> dict:
+    rate = matmul_rate()
+    print(f"large jnp.dot: {rate / 1e9:.1f} GFLOP/s on {jax.device_count()} {jax.default_backend()}"
+          f" device(s), {os.cpu_count()} cores")  # fmt: skip
+    results = {"matmul_gflops": rate / 1e9, "cases": []}
+    for batch, length, mode, causal in shapes:
+        case_rounds = rounds if length <= 1024 else max(3, rounds // 3)
+        times = time_case(batch, length, mode, causal, case_rounds, include_torch)
+        useful = flops(batch, length, causal, mode == "fwd+bwd")
+        base = statistics.median(times["flax.linen"])
+        rows = {}
+        for name, ts in times.items():
+            median = statistics.median(ts)
+            rows[name] = dict(median_ms=median * 1e3, min_ms=min(ts) * 1e3, max_ms=max(ts) * 1e3,
+                              ratio_to_linen=median / base, gflops=useful / median / 1e9,
+                              pct_matmul=100 * useful / median / rate)  # fmt: skip
+        case = dict(batch=batch, length=length, mode=mode, causal=causal, rounds=case_rounds,
+                    results=rows)  # fmt: skip
+        results["cases"].append(case)
+        print(_case_markdown(case), flush=True)
+        (out_dir / "bench.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "bench.md").write_text(_markdown(results))
+    return results
+
+
+def _case_markdown(case) -> str:
+    title = (f"B={case['batch']} L={case['length']} {case['mode']}"
+             f"{' causal' if case['causal'] else ''} ({case['rounds']} rounds)")
+    lines = [f"\n{title}", "| implementation | median ms (min-max) | vs flax.linen | GFLOP/s |"
+             " % of matmul |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, r in sorted(case["results"].items(), key=lambda item: item[1]["median_ms"]):
+        lines.append(f"| {name} | {r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f}) | "
+                     f"{r['ratio_to_linen']:.2f}x | {r['gflops']:.1f} | {r['pct_matmul']:.0f}% |")
+    return "\n".join(lines)
+
+
+def _markdown(results) -> str:
+    head = (f"Large `jnp.dot` rate in this process: {results['matmul_gflops']:.1f} GFLOP/s. "
+            "Ratios are time relative to flax.linen (lower is faster).\n")
+    return head + "\n".join(_case_markdown(c) for c in results["cases"]) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Memory mode
+
+
+MEMORY_CANDIDATES = ["flax.linen", "jax.nn+proj", "mha_jax reference", "mha_jax blockwise",
+                     "torch sdpa+proj"]  # fmt: skip
+
+
+def _one_memory_point(name: str, length: int, causal: bool) -> None:
+    """Child process: one forward+backward at B=1, print peak RSS in bytes."""
+    backward = True
+    if name == "torch sdpa+proj":
+        torch_available()
+        f = torch_candidate(causal, backward)
+    elif name.startswith("mha_jax"):
+        f = mha_jax_candidate(name.split()[1], causal, backward)
+    else:
+        f = {"flax.linen": flax_linen_candidate, "jax.nn+proj": jax_nn_candidate}[name](
+            causal, backward)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, length, D_MODEL))
+    begin = time.perf_counter()
+    block(f(np.asarray(x) if name.startswith("torch") else x))
+    seconds = time.perf_counter() - begin
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(peak_rss=peak, seconds=seconds)))
+
+
+def run_memory_mode(lengths, cap_gib: float, causal: bool, include_torch: bool, out_dir: Path,
+                    timeout: int) -> dict:  # fmt: skip
+    names = [n for n in MEMORY_CANDIDATES if include_torch or not n.startswith("torch")]
+    results = {name: {} for name in names}
+    for name in names:
+        for length in lengths:
+            cap = int(cap_gib * 2**30)
+            code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_DATA, ({cap}, {cap}));"
+                    f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench;"
+                    f"bench._one_memory_point({name!r}, {length}, {causal})")  # fmt: skip
+            try:
+                done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      timeout=timeout)  # fmt: skip
+                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+                outcome = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+            except subprocess.TimeoutExpired:
+                outcome = "timeout"
+            if not isinstance(outcome, dict):
+                results[name][length] = {"failed": outcome or f"over {cap_gib} GiB or error"}
+                print(f"{name:<20} L={length:<6} failed ({results[name][length]['failed']})",
+                      flush=True)  # fmt: skip
+                break
+            results[name][length] = outcome
+            print(f"{name:<20} L={length:<6} peak RSS {outcome['peak_rss'] / 2**30:6.2f} GiB "
+                  f"({outcome['seconds']:.1f} s)", flush=True)  # fmt: skip
+            (out_dir / "memory.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def plot(out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    bench_path, memory_path = out_dir / "bench.json", out_dir / "memory.json"
+    if bench_path.exists():
+        cases = [c for c in json.loads(bench_path.read_text())["cases"]
+                 if c["batch"] == 1 and c["mode"] == "fwd" and not c["causal"]]  # fmt: skip
+        for name in (cases[0]["results"] if cases else []):
+            points = sorted((c["length"], c["results"][name]["median_ms"]) for c in cases)
+            axes[0].plot(*zip(*points, strict=True), marker="o", label=name)
+        axes[0].set(xscale="log", yscale="log", xlabel="L (B=1, forward)", ylabel="median ms",
+                    title="time")
+        axes[0].legend(fontsize=7)
+    if memory_path.exists():
+        for name, points in json.loads(memory_path.read_text()).items():
+            ok = sorted((int(length), p["peak_rss"] / 2**30) for length, p in points.items()
+                        if "peak_rss" in p)  # fmt: skip
+            if ok:
+                axes[1].plot(*zip(*ok, strict=True), marker="o", label=name)
+        axes[1].set(xscale="log", yscale="log", xlabel="L (B=1, forward+backward)",
+                    ylabel="peak RSS (GiB)", title="memory")
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "bench.png", dpi=100)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory", action="store_true", help="peak RSS vs L instead of time")
+    parser.add_argument("--lengths", type=int, nargs="*",
+                        default=[2048, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--causal", action="store_true", help="memory mode: causal attention")
+    parser.add_argument("--cap-gib", type=float, default=16.0)
+    parser.add_argument("--timeout", type=int, default=900, help="memory mode: s per point")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    include_torch = not args.no_torch and torch_available()
+    if args.memory:
+        run_memory_mode(args.lengths, args.cap_gib, args.causal, include_torch, args.out,
+                        args.timeout)
+    else:
+        shapes = QUICK if args.quick else SHAPES
+        run_time_mode(shapes, 5 if args.quick else args.rounds, include_torch, args.out)
+    plot(args.out)
+    print(f"wrote {args.out}/")
+
+
+if __name__ == "__main__":
+    main()
