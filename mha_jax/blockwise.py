@@ -18,6 +18,7 @@ q blocks `[nq, Hkv, G, Bq, Dh]`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -164,6 +165,52 @@ def _visible_q_blocks(j, q_offset, kv_length, config: Config):
     return jnp.minimum(lo, hi), jnp.maximum(hi, 0)
 
 
+def _ceil_div(a, b):
+    return -((-a) // b)
+
+
+def _unmasked_kv_blocks(i, lo, hi, q_offset, kv_length, has_mask, config: Config):
+    """Sub-range `[flo, fhi)` of `[lo, hi)` whose blocks every query of block `i` sees
+    whole: they need no mask at all (most blocks, away from diagonals and edges)."""
+    if has_mask:
+        return lo, lo
+    first_q = i * config.block_q + q_offset
+    last_q = first_q + config.block_q - 1
+    flo, fhi = lo, jnp.minimum(hi, kv_length // config.block_k)
+    if config.is_causal:  # last key of the block <= first query position
+        fhi = jnp.minimum(fhi, (first_q + 1) // config.block_k)
+    if config.window is not None:
+        left, right = config.window
+        flo = jnp.maximum(flo, _ceil_div(last_q - left, config.block_k))
+        fhi = jnp.minimum(fhi, (first_q + right + 1) // config.block_k)
+    flo = jnp.clip(flo, lo, hi)
+    return flo, jnp.clip(fhi, flo, hi)
+
+
+def _unmasked_q_blocks(j, lo, hi, q_offset, kv_length, has_mask, config: Config):
+    """Sub-range of query blocks `[lo, hi)` that see key block `j` whole."""
+    if has_mask:
+        return lo, lo
+    first_k = j * config.block_k
+    last_k = first_k + config.block_k - 1
+    qlo, qhi = lo, jnp.where(last_k < kv_length, hi, lo)
+    if config.is_causal:  # first query position >= last key
+        qlo = jnp.maximum(qlo, _ceil_div(last_k - q_offset, config.block_q))
+    if config.window is not None:
+        left, right = config.window
+        qlo = jnp.maximum(qlo, _ceil_div(last_k - q_offset - right, config.block_q))
+        qhi = jnp.minimum(qhi, (first_k + left - q_offset + 1) // config.block_q)
+    qlo = jnp.clip(qlo, lo, hi)
+    return qlo, jnp.clip(qhi, qlo, hi)
+
+
+def _three_segments(step, lo, flo, fhi, hi, carry):
+    """Masked blocks `[lo, flo)`, unmasked `[flo, fhi)`, masked `[fhi, hi)`."""
+    carry = jax.lax.fori_loop(lo, flo, functools.partial(step, masked=True), carry)
+    carry = jax.lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
+    return jax.lax.fori_loop(fhi, hi, functools.partial(step, masked=True), carry)
+
+
 def _block_mask(i, j, mask, q_offset, kv_length, config: Config):
     """Visibility inside block (i, j): `[H or 1, Bq, Bk]` bool, or None if all visible."""
     structure = Structure(config.is_causal, q_offset, kv_length, config.window)
@@ -174,12 +221,21 @@ def _block_mask(i, j, mask, q_offset, kv_length, config: Config):
     return allowed if block is None else allowed & block
 
 
-def _scores(q_blk, k_blk, bias_blk, config: Config):
+def _scores(q_blk, k_blk, bias_blk, post_scale: float | None):
     """`[Hkv, G, Bq, Dh] x [Hkv, Bk, Dh] -> [H, Bq, Bk]` float32 scores (+ bias)."""
     hkv, g, bq, dh = q_blk.shape
     s = jnp.einsum("hgqd,hkd->hgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
-    s = s.reshape(hkv * g, bq, k_blk.shape[1]) * config.scale
+    s = s.reshape(hkv * g, bq, k_blk.shape[1])
+    s = s if post_scale is None else s * post_scale
     return s if bias_blk is None else s + bias_blk.astype(jnp.float32)
+
+
+def _fold_scale(q, scale: float):
+    """Scale q once instead of every block of scores, where that rounds nothing
+    new: always in float32 and wider, in low precision for powers of two."""
+    if jnp.finfo(q.dtype).bits >= 32 or math.log2(scale).is_integer():
+        return (q * jnp.asarray(scale, q.dtype)).astype(q.dtype), None
+    return q, scale
 
 
 def _grouped(x: Array, num_kv_heads: int) -> Array:
@@ -193,6 +249,7 @@ def _grouped(x: Array, num_kv_heads: int) -> Array:
 
 def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
     num_kv_heads = k.shape[1]
+    q, post_scale = _fold_scale(q, config.scale)
     q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
     k_blocks, v_blocks = _kv_blocks(k, config), _kv_blocks(v, config)  # [nk, Hkv, Bk, Dh]
     mask = None if mask is None else _row_blocks(mask, config)
@@ -202,13 +259,17 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
     def one_q_block(i):
         q_blk = q_blocks[i]
 
-        def step(j, carry):
+        def step(j, carry, masked):
             m, l, acc = carry  # [H, Bq], [H, Bq], [Hkv, G, Bq, Dh]
-            s = _scores(q_blk, k_blocks[j], _slice_block(bias, i, j, config), config)
-            visible = _block_mask(i, j, mask, q_offset, kv_length, config)
-            m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.where(visible, jnp.exp(s - m_safe[..., None]), 0.0)  # [H, Bq, Bk]
+            s = _scores(q_blk, k_blocks[j], _slice_block(bias, i, j, config), post_scale)
+            if masked:
+                visible = _block_mask(i, j, mask, q_offset, kv_length, config)
+                m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                p = jnp.where(visible, jnp.exp(s - m_safe[..., None]), 0.0)  # [H, Bq, Bk]
+            else:
+                m_new = m_safe = jnp.maximum(m, jnp.max(s, axis=-1))
+                p = jnp.exp(s - m_new[..., None])  # [H, Bq, Bk]
             alpha = jnp.exp(m - m_safe)
             pv = jnp.einsum("hgqk,hkd->hgqd", _grouped(p.astype(v.dtype), hkv), v_blocks[j],
                             preferred_element_type=jnp.float32)  # fmt: skip
@@ -216,13 +277,14 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
             return m_new, l * alpha + p.sum(axis=-1), acc
 
         lo, hi = _visible_kv_blocks(i, q_offset, kv_length, config)
+        flo, fhi = _unmasked_kv_blocks(i, lo, hi, q_offset, kv_length, mask is not None, config)
         init = (jnp.full((hkv * g, bq), -jnp.inf), jnp.zeros((hkv * g, bq)),
                 jnp.zeros((hkv, g, bq, dh), jnp.float32))  # fmt: skip
-        m, l, acc = jax.lax.fori_loop(lo, hi, step, init)
+        m, l, acc = _three_segments(step, lo, flo, fhi, hi, init)
         out = acc / _grouped(jnp.where(l > 0, l, 1.0), hkv)[..., None]
         # Rows that saw no key: lse=+inf makes every recomputed probability 0.
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
-        return out.astype(q.dtype), lse
+        return out.astype(v.dtype), lse
 
     out_blocks, lse_blocks = jax.lax.map(one_q_block, jnp.arange(q_blocks.shape[0]))
     return _q_unblock(out_blocks, config.length_q), lse_blocks  # [Lq, H, Dh], [nq, H, Bq]
@@ -235,7 +297,8 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
 def _backward(config: Config, residuals, d_out):
     q, k, v, mask, bias, q_offset, kv_length, out, lse_blocks = residuals
     num_kv_heads = k.shape[1]
-    q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
+    q_scaled, post_scale = _fold_scale(q, config.scale)
+    q_blocks = _q_blocks(q_scaled, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
     do_blocks = _q_blocks(d_out, num_kv_heads, config)
     k_blocks, v_blocks = _kv_blocks(k, config), _kv_blocks(v, config)  # [nk, Hkv, Bk, Dh]
     mask_b = None if mask is None else _row_blocks(mask, config)
@@ -251,17 +314,19 @@ def _backward(config: Config, residuals, d_out):
         dq_all, dbias_all = carry  # [nq, Hkv, G, Bq, Dh] f32, [Hb, Lq', Lk'] f32 or None
         k_blk, v_blk = k_blocks[j], v_blocks[j]
 
-        def step(i, inner):
+        def step(i, inner, masked):
             dk, dv, dq_all, dbias_all = inner
             q_blk, do_blk = q_blocks[i], do_blocks[i]
-            s = _scores(q_blk, k_blk, _slice_block(bias_b, i, j, config), config)
-            visible = _block_mask(i, j, mask_b, q_offset, kv_length, config)
-            p = jnp.where(visible, jnp.exp(s - lse_blocks[i][..., None]), 0.0)  # [H, Bq, Bk]
+            s = _scores(q_blk, k_blk, _slice_block(bias_b, i, j, config), post_scale)
+            p = jnp.exp(s - lse_blocks[i][..., None])  # [H, Bq, Bk]
+            if masked:
+                p = jnp.where(_block_mask(i, j, mask_b, q_offset, kv_length, config), p, 0.0)
             p_g = _grouped(p, hkv)
             dv = dv + jnp.einsum("hgqk,hgqd->hkd", p_g.astype(v.dtype), do_blk,
                                  preferred_element_type=jnp.float32)  # fmt: skip
             dp = jnp.einsum("hgqd,hkd->hgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
             ds = p_g * (dp - _grouped(delta_blocks[i], hkv)[..., None])  # [Hkv, G, Bq, Bk]
+            # q_blk carries the scale when it was folded in; else scale dk below.
             dk = dk + jnp.einsum("hgqk,hgqd->hkd", ds.astype(q.dtype), q_blk,
                                  preferred_element_type=jnp.float32)  # fmt: skip
             dq_blk = jnp.einsum("hgqk,hkd->hgqd", ds.astype(k.dtype), k_blk,
@@ -276,11 +341,11 @@ def _backward(config: Config, residuals, d_out):
             return dk, dv, dq_all, dbias_all
 
         lo, hi = _visible_q_blocks(j, q_offset, kv_length, config)
+        flo, fhi = _unmasked_q_blocks(j, lo, hi, q_offset, kv_length, mask_b is not None, config)
         zeros = jnp.zeros(k_blk.shape, jnp.float32)
-        dk, dv, dq_all, dbias_all = jax.lax.fori_loop(
-            lo, hi, step, (zeros, zeros, dq_all, dbias_all)
-        )
-        return (dq_all, dbias_all), (dk * config.scale, dv)
+        dk, dv, dq_all, dbias_all = _three_segments(step, lo, flo, fhi, hi,
+                                                    (zeros, zeros, dq_all, dbias_all))
+        return (dq_all, dbias_all), (dk if post_scale is None else dk * post_scale, dv)
 
     dq0 = jnp.zeros(q_blocks.shape, jnp.float32)
     dbias0 = None if bias_b is None else jnp.zeros(bias_b.shape, jnp.float32)

@@ -62,24 +62,38 @@ def attention_scores(
 def attention_weights(
     scores: Float[Array, "H Lq Lk"], mask: Bool[Array, "*#heads Lq Lk"] | None = None
 ) -> Float[Array, "H Lq Lk"]:
-    """Softmax over keys in float32; masked weights are exactly 0.
+    """Softmax over keys in float32 (or wider); masked weights are exactly 0.
 
     A row with no visible key gets all-zero weights (hence a zero output and
     zero gradients), not NaN (`-inf` fill) and not the mean of V (finite fill).
     Masking uses `where`, so no large negative constant can overflow.
     """
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-    if mask is None:
-        mask = jnp.ones((), dtype=bool)
+    return _masked_softmax(scores, jnp.ones((), bool) if mask is None else mask)
+
+
+@jax.custom_jvp
+def _masked_softmax(scores, mask):
     row_max = jnp.max(scores, axis=-1, keepdims=True, where=mask, initial=-jnp.inf)
-    # Subtracting any per-row constant leaves the softmax unchanged, so the max
-    # needs no gradient; a fully masked row has max -inf: shift it by 0 instead.
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    # Double `where`: masked entries never reach `exp`, so their gradient is 0, not NaN.
-    shifted = jnp.where(mask, scores - row_max, 0.0)
-    unnormalised = jnp.where(mask, jnp.exp(shifted), 0.0)
+    # Any per-row shift leaves the softmax unchanged; a fully masked row has
+    # max -inf, so shift it by 0 instead.
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    # Masked entries never reach `exp`: no overflow, no inf * 0.
+    unnormalised = jnp.where(mask, jnp.exp(jnp.where(mask, scores - row_max, 0.0)), 0.0)
     total = unnormalised.sum(axis=-1, keepdims=True)
     return unnormalised / jnp.where(total > 0, total, 1.0)
+
+
+@_masked_softmax.defjvp
+def _masked_softmax_jvp(primals, tangents):
+    # The softmax Jacobian, written once: dW = W * (dS - <W, dS>). Masked entries
+    # have W = 0, so they pass no gradient; reverse mode transposes this rule,
+    # which costs two passes over [H, Lq, Lk] instead of autodiff's many.
+    scores, mask = primals
+    d_scores, _ = tangents
+    weights = _masked_softmax(scores, mask)
+    d_scores = jnp.where(mask, d_scores, 0.0)
+    return weights, weights * (d_scores - (weights * d_scores).sum(axis=-1, keepdims=True))
 
 
 def dropout_weights(

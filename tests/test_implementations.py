@@ -161,7 +161,7 @@ def test_blockwise_memory_grows_linearly_while_reference_grows_quadratically():
     # forward+backward, L -> 4L
     reference_growth = temp_bytes("reference", 2048) / temp_bytes("reference", 512)
     blockwise_growth = temp_bytes("blockwise", 2048) / temp_bytes("blockwise", 512)
-    assert reference_growth > 12, reference_growth
+    assert reference_growth > 10, reference_growth  # ~16x minus the O(L) parts
     assert blockwise_growth < 5, blockwise_growth
 
 
