@@ -45,7 +45,7 @@ def default_block_sizes(length_q: int, length_k: int) -> tuple[int, int]:
     """Blocks tuned on a 2-core x86 CPU (scripts/bench.py): big enough for
     efficient matmuls, small enough that a block of scores stays in cache."""
     block_q = min(512, _round_up(length_q, 8))
-    block_k = min(512, _round_up(length_k, 8))
+    block_k = min(256, _round_up(length_k, 8))
     return block_q, block_k
 
 

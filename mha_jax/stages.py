@@ -69,11 +69,14 @@ def attention_weights(
     Masking uses `where`, so no large negative constant can overflow.
     """
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-    return _masked_softmax(scores, jnp.ones((), bool) if mask is None else mask)
+    return _masked_softmax(scores, mask)
 
 
 @jax.custom_jvp
 def _masked_softmax(scores, mask):
+    if mask is None:  # nothing to hide: three passes, no `where`
+        unnormalised = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        return unnormalised / unnormalised.sum(axis=-1, keepdims=True)
     row_max = jnp.max(scores, axis=-1, keepdims=True, where=mask, initial=-jnp.inf)
     # Any per-row shift leaves the softmax unchanged; a fully masked row has
     # max -inf, so shift it by 0 instead.
@@ -92,7 +95,7 @@ def _masked_softmax_jvp(primals, tangents):
     scores, mask = primals
     d_scores, _ = tangents
     weights = _masked_softmax(scores, mask)
-    d_scores = jnp.where(mask, d_scores, 0.0)
+    d_scores = d_scores if mask is None else jnp.where(mask, d_scores, 0.0)
     return weights, weights * (d_scores - (weights * d_scores).sum(axis=-1, keepdims=True))
 
 

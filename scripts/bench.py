@@ -344,6 +344,8 @@ def plot(out_dir: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shape", action="append", default=[], metavar="B,L,PASS,CAUSAL",
+                        help="time only these shapes, e.g. 8,512,fwd,0 (repeatable)")
     parser.add_argument("--memory", action="store_true", help="peak RSS vs L instead of time")
     parser.add_argument("--lengths", type=int, nargs="*",
                         default=[2048, 4096, 8192, 16384, 32768, 65536])
@@ -361,6 +363,9 @@ def main():
                         args.timeout)
     else:
         shapes = QUICK if args.quick else SHAPES
+        if args.shape:
+            parse = lambda b, n, mode, c: (int(b), int(n), mode, c in ("1", "causal", "True"))
+            shapes = [parse(*spec.split(",")) for spec in args.shape]
         run_time_mode(shapes, 5 if args.quick else args.rounds, include_torch, args.out)
     plot(args.out)
     print(f"wrote {args.out}/")
