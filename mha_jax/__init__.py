@@ -17,8 +17,8 @@ float32; a query row with no visible key returns zeros.
 """
 
 from mha_jax import masks
-from mha_jax.core import attention, batched_attention, reference_core
 from mha_jax.blockwise import blockwise_attention
+from mha_jax.core import attention, batched_attention, reference_core
 from mha_jax.implementations import NAMES as IMPLEMENTATIONS
 from mha_jax.params import MHAParams, init_params, param_shapes, resolve_sizes
 from mha_jax.stages import (

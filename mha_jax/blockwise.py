@@ -1,13 +1,13 @@
 """Blockwise attention: the reference maths in O(L) memory (FlashAttention-2 style).
 
 Forward: for each block of queries, walk the key/value blocks it can see and
-keep a running row max `m`, normaliser `l` and output `acc` (online softmax),
+keep a running row max `m`, normaliser `row_sum` and output `acc` (online softmax),
 so no `[H, Lq, Lk]` array exists. Blocks that the mask structure rules out
 (the future under `is_causal`, padding beyond `kv_length`, keys outside a
 local window) are never visited: causal attention does about half the work.
 
 Backward (`jax.custom_vjp`): recompute each block's probabilities from the
-saved log-sum-exp `lse = m + log(l)` instead of storing them, again O(L).
+saved log-sum-exp `lse = m + log(row_sum)` instead of storing them, again O(L).
 
 Numerics follow the reference: float32 scores and softmax, masked entries
 exactly zero, a query row with no visible key outputs zeros with zero
@@ -18,7 +18,6 @@ q blocks `[nq, Hkv, G, Bq, Dh]`.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from mha_jax.masks import Structure
+from mha_jax.stages import fold_scale
 
 
 class Config(NamedTuple):
@@ -56,11 +56,12 @@ def blockwise_attention(
     *,
     mask: Array | None = None,  # bool [Lq, Lk] or [H, Lq, Lk]
     bias: Array | None = None,  # float [Lq, Lk] or [H, Lq, Lk]
-    structure: Structure = Structure(),
+    structure: Structure | None = None,
     scale: float | None = None,
     block_sizes: tuple[int, int] | None = None,
 ) -> Array:  # [Lq, H, Dh]
     """Same result as `reference_core`, without materialising the scores."""
+    structure = Structure() if structure is None else structure
     length_q, num_heads, head_dim = q.shape
     length_k = k.shape[0]
     block_q, block_k = block_sizes or default_block_sizes(length_q, length_k)
@@ -230,14 +231,6 @@ def _scores(q_blk, k_blk, bias_blk, post_scale: float | None):
     return s if bias_blk is None else s + bias_blk.astype(jnp.float32)
 
 
-def _fold_scale(q, scale: float):
-    """Scale q once instead of every block of scores, where that rounds nothing
-    new: always in float32 and wider, in low precision for powers of two."""
-    if jnp.finfo(q.dtype).bits >= 32 or math.log2(scale).is_integer():
-        return (q * jnp.asarray(scale, q.dtype)).astype(q.dtype), None
-    return q, scale
-
-
 def _grouped(x: Array, num_kv_heads: int) -> Array:
     """`[H, Bq, ...] -> [Hkv, G, Bq, ...]`."""
     return x.reshape(num_kv_heads, x.shape[0] // num_kv_heads, *x.shape[1:])
@@ -249,7 +242,7 @@ def _grouped(x: Array, num_kv_heads: int) -> Array:
 
 def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
     num_kv_heads = k.shape[1]
-    q, post_scale = _fold_scale(q, config.scale)
+    q, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
     k_blocks, v_blocks = _kv_blocks(k, config), _kv_blocks(v, config)  # [nk, Hkv, Bk, Dh]
     mask = None if mask is None else _row_blocks(mask, config)
@@ -260,7 +253,7 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
         q_blk = q_blocks[i]
 
         def step(j, carry, masked):
-            m, l, acc = carry  # [H, Bq], [H, Bq], [Hkv, G, Bq, Dh]
+            m, row_sum, acc = carry  # [H, Bq], [H, Bq], [Hkv, G, Bq, Dh]
             s = _scores(q_blk, k_blocks[j], _slice_block(bias, i, j, config), post_scale)
             if masked:
                 visible = _block_mask(i, j, mask, q_offset, kv_length, config)
@@ -274,16 +267,17 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
             pv = jnp.einsum("hgqk,hkd->hgqd", _grouped(p.astype(v.dtype), hkv), v_blocks[j],
                             preferred_element_type=jnp.float32)  # fmt: skip
             acc = acc * _grouped(alpha, hkv)[..., None] + pv
-            return m_new, l * alpha + p.sum(axis=-1), acc
+            return m_new, row_sum * alpha + p.sum(axis=-1), acc
 
         lo, hi = _visible_kv_blocks(i, q_offset, kv_length, config)
         flo, fhi = _unmasked_kv_blocks(i, lo, hi, q_offset, kv_length, mask is not None, config)
         init = (jnp.full((hkv * g, bq), -jnp.inf), jnp.zeros((hkv * g, bq)),
                 jnp.zeros((hkv, g, bq, dh), jnp.float32))  # fmt: skip
-        m, l, acc = _three_segments(step, lo, flo, fhi, hi, init)
-        out = acc / _grouped(jnp.where(l > 0, l, 1.0), hkv)[..., None]
+        m, row_sum, acc = _three_segments(step, lo, flo, fhi, hi, init)
+        seen = row_sum > 0
+        out = acc / _grouped(jnp.where(seen, row_sum, 1.0), hkv)[..., None]
         # Rows that saw no key: lse=+inf makes every recomputed probability 0.
-        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, row_sum, 1.0)), jnp.inf)
         return out.astype(v.dtype), lse
 
     out_blocks, lse_blocks = jax.lax.map(one_q_block, jnp.arange(q_blocks.shape[0]))
@@ -297,7 +291,7 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
 def _backward(config: Config, residuals, d_out):
     q, k, v, mask, bias, q_offset, kv_length, out, lse_blocks = residuals
     num_kv_heads = k.shape[1]
-    q_scaled, post_scale = _fold_scale(q, config.scale)
+    q_scaled, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q_scaled, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
     do_blocks = _q_blocks(d_out, num_kv_heads, config)
     k_blocks, v_blocks = _kv_blocks(k, config), _kv_blocks(v, config)  # [nk, Hkv, Bk, Dh]

@@ -12,6 +12,8 @@ written as a reshape of the query heads into `[Hkv, G]`.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import Array
@@ -52,11 +54,21 @@ def attention_scores(
     """
     length_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    scale = head_dim**-0.5 if scale is None else scale
+    q, post_scale = fold_scale(q, head_dim**-0.5 if scale is None else scale)
     grouped = q.reshape(length_q, num_kv_heads, num_heads // num_kv_heads, head_dim)
     accumulate = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays float64
     scores = jnp.einsum("qhgd,khd->hgqk", grouped, k, preferred_element_type=accumulate)
-    return scores.reshape(num_heads, length_q, k.shape[0]) * scale
+    scores = scores.reshape(num_heads, length_q, k.shape[0])
+    return scores if post_scale is None else scores * post_scale
+
+
+def fold_scale(q, scale: float):
+    """`(q * scale, None)` where scaling the `[Lq, H, Dh]` queries rounds nothing
+    new (float32 and wider; powers of two in any dtype), else `(q, scale)` for
+    the float32 scores: one pass over `Lq·Dh` numbers instead of `Lq·Lk`."""
+    if jnp.finfo(q.dtype).bits >= 32 or math.log2(scale).is_integer():
+        return (q * jnp.asarray(scale, q.dtype)).astype(q.dtype), None
+    return q, scale
 
 
 def attention_weights(

@@ -82,7 +82,7 @@ def recall_batch(cfg, rng, batch_size: int) -> Batch:
 
 def recall_labels(cfg, batch: Batch, b: int):
     rows = [f"k{int(k)}?" for k in batch["queries"][b]]
-    cols = [f"k{int(k)}→v{int(v)}" for k, v in zip(batch["keys"][b], batch["values"][b])]
+    cols = [f"k{int(k)}→v{int(v)}" for k, v in zip(batch["keys"][b], batch["values"][b], strict=True)]
     return rows, cols
 
 

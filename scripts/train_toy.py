@@ -34,11 +34,11 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from plotting import curves, heatmap
+from toy_tasks import TASKS, loss_and_metrics
 from tqdm import tqdm
 
 import mha_jax
-from plotting import curves, heatmap
-from toy_tasks import TASKS, loss_and_metrics
 
 # ---------------------------------------------------------------------------
 # Config

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tiktoken
+from plotting import heatmap
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 import mha_jax as mj
-from plotting import heatmap
 
 SENTENCES = [
     "LLM with me.郭同学热爱AI喜欢游戏",

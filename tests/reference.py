@@ -42,7 +42,8 @@ def attention_np(params, x_q, x_kv=None, *, num_heads, mask=None, bias=None,
             pos = i + q_offset
             for j in range(length_k):
                 if mask is not None:
-                    allowed[j] &= bool(np.asarray(mask)[..., i, j].reshape(-1)[h if np.ndim(mask) == 3 else 0])
+                    head_mask = np.asarray(mask)[h] if np.ndim(mask) == 3 else np.asarray(mask)
+                    allowed[j] &= bool(head_mask[i, j])
                 if is_causal and j > pos:
                     allowed[j] = False
                 if kv_length is not None and j >= kv_length:
@@ -53,7 +54,8 @@ def attention_np(params, x_q, x_kv=None, *, num_heads, mask=None, bias=None,
                 continue  # no visible key: zero weights, zero output
             logits = qh[i] @ kh.T * scale
             if bias is not None:
-                logits = logits + f64(bias)[..., i, :].reshape(-1, length_k)[h if np.ndim(bias) == 3 else 0]
+                head_bias = f64(bias)[h] if np.ndim(bias) == 3 else f64(bias)
+                logits = logits + head_bias[i]
             logits = np.where(allowed, logits, -np.inf)
             e = np.exp(logits - logits[allowed].max())
             weights[h, i] = e / e.sum()

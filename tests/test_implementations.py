@@ -16,8 +16,9 @@ from mha_jax import implementations
 from mha_jax.masks import Structure
 
 
-def core(name, q, k, v, *, mask=None, bias=None, structure=Structure(), scale=None,
+def core(name, q, k, v, *, mask=None, bias=None, structure=None, scale=None,
          block_sizes=None):
+    structure = Structure() if structure is None else structure
     if name == "reference":
         return mj.reference_core(q, k, v, mask=mask, bias=bias, structure=structure, scale=scale,
                                  dropout_rate=0.0, rng=None)[0]

@@ -28,8 +28,8 @@ def smoke(**overrides):
 def final_params(run_dir: Path, cfg) -> dict:
     graphdef, model_state = train_toy.build_model(cfg)
     optimizer = train_toy.make_optimizer(cfg)
-    from flax import nnx
     import jax.numpy as jnp
+    from flax import nnx
 
     params = nnx.to_pure_dict(model_state)
     like = train_toy.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
@@ -105,9 +105,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(train_toy.NonFiniteLoss, match="training diverged: non-finite"):
         train_toy.main(cfg, run_dir=tmp_path, quiet=True)
     manager = train_toy.checkpoint_manager(tmp_path, cfg)
-    for step in manager.all_steps():  # whatever was kept is finite
-        assert train_toy.all_finite(final_params(tmp_path, cfg).params)
+    kept = manager.all_steps()
     manager.close()
+    assert kept, "the good checkpoints before the divergence are kept"
+    state = final_params(tmp_path, cfg)  # the latest kept one
+    assert int(state.step) == max(kept) and train_toy.all_finite(state.params)
 
 
 BAD_CONFIGS = [
@@ -164,7 +166,7 @@ def test_data_parallel_on_four_devices_matches_one_device(tmp_path):
     script = (
         "import sys, numpy as np, jax; sys.path.insert(0, 'scripts'); import train_toy;"
         "cfg = train_toy.load_config('configs/smoke.yaml', ['steps=10', 'checkpoint_every=10']);"
-        f"h = train_toy.main(cfg, run_dir=__import__('pathlib').Path(sys.argv[1]), quiet=True);"
+        "h = train_toy.main(cfg, run_dir=__import__('pathlib').Path(sys.argv[1]), quiet=True);"
         "print('DEVICES', jax.device_count())"
     )
     for count in (1, 4):

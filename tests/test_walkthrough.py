@@ -30,10 +30,9 @@ def test_gpt2_tokens_of_the_chapter_sentence():
 
 
 def test_cjk_font_has_the_glyphs():
+    import plotting
     from matplotlib import font_manager
     from matplotlib.ft2font import FT2Font
-
-    import plotting
 
     name = plotting.use_cjk_font()
     font = FT2Font(font_manager.findfont(font_manager.FontProperties(family=name)))
