@@ -101,7 +101,8 @@ def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = smoke(learning_rate=1e30, clip_norm=1e30, steps=40, checkpoint_every=5, log_every=5)
+    # warm-up starts at lr=0, so step 1 is good and saved; the huge rate then diverges
+    cfg = smoke(learning_rate=1e30, clip_norm=1e30, steps=40, checkpoint_every=1, log_every=1)
     with pytest.raises(train_toy.NonFiniteLoss, match="training diverged: non-finite"):
         train_toy.main(cfg, run_dir=tmp_path, quiet=True)
     manager = train_toy.checkpoint_manager(tmp_path, cfg)
