@@ -22,9 +22,17 @@ def resolve_deterministic(call_value: bool | None, module_value: bool | None, ra
     )
 
 
-def forward(params, x_q, x_kv, *, num_heads, want_weights, mask=None, bias=None,
-            kv_length=None, q_offset=0, **options):  # fmt: skip
-    """`[B, Lq, D]` or unbatched `[Lq, D]` inputs -> (out, weights or None)."""
+def forward(module, params, x_q, x_kv, *, deterministic: bool | None, draw_rng,
+            return_weights: bool, mask=None, bias=None, kv_length=None, q_offset=0,
+            **structure):  # fmt: skip
+    """The call both wrappers make: `[B, Lq, D]` or unbatched `[Lq, D]` -> (out, weights or None).
+
+    `module` supplies the settings (num_heads, scale, dropout_rate, deterministic,
+    dtype, implementation, sow_weights); `draw_rng()` is called only when dropout
+    is on, so the module's random stream advances only then.
+    """
+    deterministic = resolve_deterministic(deterministic, module.deterministic, module.dropout_rate)
+    want_weights = return_weights or module.sow_weights
     x_kv = x_q if x_kv is None else x_kv
     if jnp.ndim(x_q) not in (2, 3):
         raise _checks.fail("x_q", "have rank 3 [B, Lq, D] or rank 2 [Lq, D]",
@@ -34,8 +42,11 @@ def forward(params, x_q, x_kv, *, num_heads, want_weights, mask=None, bias=None,
         add = lambda a: None if a is None else jnp.asarray(a)[None]
         x_q, x_kv, mask, bias, kv_length = map(add, (x_q, x_kv, mask, bias, kv_length))
     result = batched_attention(
-        params, x_q, x_kv, num_heads=num_heads, mask=mask, bias=bias, kv_length=kv_length,
-        q_offset=q_offset, return_weights=want_weights, **options,
+        params, x_q, x_kv, num_heads=module.num_heads, mask=mask, bias=bias,
+        kv_length=kv_length, q_offset=q_offset, scale=module.scale,
+        dropout_rate=module.dropout_rate, rng=None if deterministic else draw_rng(),
+        deterministic=deterministic, dtype=module.dtype, implementation=module.implementation,
+        return_weights=want_weights, **structure,
     )  # fmt: skip
     out, weights = result if want_weights else (result, None)
     if unbatched:

@@ -38,7 +38,6 @@ class Config(NamedTuple):
     scale: float
     is_causal: bool
     window: tuple[int, int] | None
-    has_kv_length: bool
 
 
 def default_block_sizes(length_q: int, length_k: int) -> tuple[int, int]:
@@ -68,7 +67,7 @@ def blockwise_attention(
     config = Config(
         block_q=block_q, block_k=block_k, length_q=length_q, length_k=length_k,
         scale=head_dim**-0.5 if scale is None else float(scale), is_causal=structure.is_causal,
-        window=structure.window, has_kv_length=structure.kv_length is not None,
+        window=structure.window,
     )  # fmt: skip
     q_offset = jnp.asarray(structure.q_offset, jnp.int32)
     kv_length = jnp.asarray(length_k if structure.kv_length is None else structure.kv_length,
@@ -369,10 +368,3 @@ def _flash_fwd(q, k, v, mask, bias, q_offset, kv_length, config):
 
 
 _flash.defvjp(_flash_fwd, _backward)
-
-
-def flops(length_q: int, length_k: int, num_heads: int, head_dim: int, causal: bool) -> float:
-    """Matmul FLOPs of the attention core (forward): 2 matmuls of 2·Lq·Lk·Dh per head."""
-    total = 4.0 * length_q * length_k * head_dim * num_heads
-    return total / 2 if causal else total
-

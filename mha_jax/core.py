@@ -75,7 +75,7 @@ def attention(
     structure = Structure(is_causal, q_offset, kv_length, normalize_window(window))
     dropout = 0.0 if deterministic else dropout_rate
     implementation = implementations.resolve(
-        implementation, x_q, sizes, structure, mask=mask, bias=bias, scale=scale,
+        implementation, x_q, sizes, structure, mask=mask, bias=bias,
         dropout_rate=dropout, return_weights=return_weights, dtype=dtype,
     )  # fmt: skip
     dtype = jnp.result_type(x_q) if dtype is None else jnp.dtype(dtype)

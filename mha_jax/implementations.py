@@ -74,7 +74,7 @@ def limitations(
 
 
 def resolve(
-    name: str, x_q, sizes, structure, *, mask, bias, scale, dropout_rate, return_weights, dtype
+    name: str, x_q, sizes, structure, *, mask, bias, dropout_rate, return_weights, dtype
 ) -> str:
     """Validate an explicit choice, or make one for "auto"."""
     _checks.check_choice("implementation", name, NAMES)

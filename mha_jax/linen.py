@@ -70,18 +70,11 @@ class MultiHeadAttention(nn.Module):
             lambda name, shape: self.param(name, init, name, shape),
             param_shapes(**sizes, use_bias=self.use_bias),
         )
-        deterministic = _module.resolve_deterministic(
-            deterministic, self.deterministic, self.dropout_rate
-        )
-        rng = None
-        if not deterministic:
-            rng = self.make_rng("dropout") if dropout_rng is None else dropout_rng
         out, weights = _module.forward(
-            params, x_q, x_kv, num_heads=self.num_heads,
-            want_weights=return_weights or self.sow_weights, mask=mask, bias=bias,
-            kv_length=kv_length, q_offset=q_offset, is_causal=is_causal, window=window,
-            scale=self.scale, dropout_rate=self.dropout_rate, rng=rng,
-            deterministic=deterministic, dtype=self.dtype, implementation=self.implementation,
+            self, params, x_q, x_kv, deterministic=deterministic,
+            draw_rng=lambda: self.make_rng("dropout") if dropout_rng is None else dropout_rng,
+            return_weights=return_weights, mask=mask, bias=bias, kv_length=kv_length,
+            q_offset=q_offset, is_causal=is_causal, window=window,
         )  # fmt: skip
         if self.sow_weights:
             self.sow("intermediates", "attention_weights", weights)

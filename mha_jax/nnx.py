@@ -69,6 +69,12 @@ class MultiHeadAttention(nnx.Module):
         return MHAParams(*(None if p is None else p[...] for p in map(self.__getattribute__,
                                                                        PARAM_NAMES)))  # fmt: skip
 
+    def _dropout_stream(self, rngs):
+        stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs or self.rngs
+        if stream is None:
+            raise ValueError("rngs must be given to the call when dropout is on; got None")
+        return stream
+
     def __call__(
         self,
         x_q,
@@ -85,21 +91,11 @@ class MultiHeadAttention(nnx.Module):
         return_weights: bool = False,
     ):
         """`mask`, `bias`, `kv_length`, `q_offset`: as `mha_jax.batched_attention`."""
-        deterministic = _module.resolve_deterministic(
-            deterministic, self.deterministic, self.dropout_rate
-        )
-        rng = None
-        if not deterministic:
-            stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs or self.rngs
-            if stream is None:
-                raise ValueError("rngs must be given to the call when dropout is on; got None")
-            rng = stream()
         out, weights = _module.forward(
-            self.params, x_q, x_kv, num_heads=self.num_heads,
-            want_weights=return_weights or self.sow_weights, mask=mask, bias=bias,
-            kv_length=kv_length, q_offset=q_offset, is_causal=is_causal, window=window,
-            scale=self.scale, dropout_rate=self.dropout_rate, rng=rng,
-            deterministic=deterministic, dtype=self.dtype, implementation=self.implementation,
+            self, self.params, x_q, x_kv, deterministic=deterministic,
+            draw_rng=lambda: self._dropout_stream(rngs)(), return_weights=return_weights,
+            mask=mask, bias=bias, kv_length=kv_length, q_offset=q_offset, is_causal=is_causal,
+            window=window,
         )  # fmt: skip
         if self.sow_weights:
             self.sow(nnx.Intermediate, "attention_weights", weights)

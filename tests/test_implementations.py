@@ -171,7 +171,7 @@ def test_auto_picks_reference_when_short_and_blockwise_when_long_on_cpu():
                                 length_k=length)
     pick = lambda length, **kw: implementations.resolve(
         "auto", jnp.ones((length, 32)), sizes(length), Structure(), mask=None, bias=None,
-        scale=None, dropout_rate=kw.get("dropout_rate", 0.0),
+        dropout_rate=kw.get("dropout_rate", 0.0),
         return_weights=kw.get("return_weights", False), dtype=None)
     assert pick(16) == "reference"
     assert pick(4096) == "blockwise"
