@@ -186,9 +186,13 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def build_model(cfg: Config, flax_reference: bool = False):
+def initial_state(cfg: Config, flax_reference: bool = False):
+    """(graphdef, optimizer, step-0 TrainState) of the task's model, from `cfg.seed`."""
     model_cls, _, _ = TASKS[cfg.task]
-    return nnx.split(model_cls(cfg, nnx.Rngs(cfg.seed), flax_reference))
+    graphdef, model_state = nnx.split(model_cls(cfg, nnx.Rngs(cfg.seed), flax_reference))
+    optimizer = make_optimizer(cfg)
+    params = nnx.to_pure_dict(model_state)
+    return graphdef, optimizer, TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
@@ -311,10 +315,7 @@ def main(cfg: Config, *, run_dir: Path | None = None, resume: Path | None = None
     run_dir = prepare_run_dir(cfg, run_dir, resume)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
-    graphdef, model_state = build_model(cfg)
-    optimizer = make_optimizer(cfg)
-    params = nnx.to_pure_dict(model_state)
-    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    graphdef, optimizer, state = initial_state(cfg)
     manager = checkpoint_manager(run_dir, cfg)
     if resume is not None:
         state = restore_latest(manager, state, run_dir)
@@ -445,10 +446,7 @@ def compare_flax(cfg: Config, rounds: int = 7, steps_per_round: int = 20) -> dic
     check_config(cfg)
     runners = {}
     for name, flax_reference in (("mha_jax", False), ("flax.nnx", True)):
-        graphdef, model_state = build_model(cfg, flax_reference)
-        optimizer = make_optimizer(cfg)
-        params = nnx.to_pure_dict(model_state)
-        state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+        graphdef, optimizer, state = initial_state(cfg, flax_reference)
         shardings = shardings_for(state)
         train_step, _, batches, _ = make_steps(cfg, graphdef, optimizer, shardings)
         data = [batches(i) for i in range(steps_per_round)]

@@ -26,13 +26,7 @@ def smoke(**overrides):
 
 
 def final_params(run_dir: Path, cfg) -> dict:
-    graphdef, model_state = train_toy.build_model(cfg)
-    optimizer = train_toy.make_optimizer(cfg)
-    import jax.numpy as jnp
-    from flax import nnx
-
-    params = nnx.to_pure_dict(model_state)
-    like = train_toy.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    _, _, like = train_toy.initial_state(cfg)
     manager = train_toy.checkpoint_manager(run_dir, cfg)
     state = train_toy.restore_latest(manager, like, run_dir)
     manager.close()
