@@ -28,8 +28,8 @@ NAMES = ("auto", "reference", "blockwise", "xla", "cudnn", "pallas")
 
 # Below this many (query, key) pairs per example the materialising path is
 # fastest on CPU: one fused pass beats a loop of blocks. From L=512 up the
-# blockwise forward wins clearly (0.79x vs 1.26x flax.linen at B=8, L=512)
-# while its backward is ~10% behind; from L~1024 it wins both (scripts/bench.py).
+# blockwise path wins forward (0.74x vs 1.16x flax.linen at B=8, L=512) and
+# forward+backward (0.82x vs 0.95x), and more so as L grows (scripts/bench.py).
 BLOCKWISE_MIN_PAIRS = 512 * 512
 
 
