@@ -337,6 +337,10 @@ def plot(out_dir: Path) -> None:
         axes[1].set(xscale="log", yscale="log", xlabel="L (B=1, forward+backward)",
                     ylabel="peak RSS (GiB)", title="memory")
         axes[1].legend(fontsize=7)
+    for ax in axes:  # label the measured lengths as 2k, 4k, ... instead of crowded powers of 10
+        lengths = sorted({int(x) for line in ax.get_lines() for x in line.get_xdata()})
+        ax.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     fig.tight_layout()
     fig.savefig(out_dir / "bench.png", dpi=100)
 
