@@ -272,8 +272,11 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
 
         lo, hi = _visible_kv_blocks(i, q_offset, kv_length, config)
         flo, fhi = _unmasked_kv_blocks(i, lo, hi, q_offset, kv_length, mask is not None, config)
-        init = (jnp.full((hkv * g, bq), -jnp.inf), jnp.zeros((hkv * g, bq)),
-                jnp.zeros((hkv, g, bq, dh), jnp.float32))  # fmt: skip
+        # Carries are built *_like an input so that they vary over the same mesh
+        # axes inside `shard_map` (a fresh jnp.zeros would not, and the loop fails).
+        acc = jnp.zeros_like(q_blk, jnp.float32)  # [Hkv, G, Bq, Dh]
+        row_sum = acc[..., 0].reshape(hkv * g, bq)
+        init = (row_sum - jnp.inf, row_sum, acc)
         m, row_sum, acc = _three_segments(step, lo, flo, fhi, hi, init)
         seen = row_sum > 0
         out = acc / _grouped(jnp.where(seen, row_sum, 1.0), hkv)[..., None]
@@ -337,13 +340,13 @@ def _backward(config: Config, residuals, d_out):
 
         lo, hi = _visible_q_blocks(j, q_offset, kv_length, config)
         flo, fhi = _unmasked_q_blocks(j, lo, hi, q_offset, kv_length, mask_b is not None, config)
-        zeros = jnp.zeros(k_blk.shape, jnp.float32)
+        zeros = jnp.zeros_like(k_blk, jnp.float32)  # *_like: see the forward's carries
         dk, dv, dq_all, dbias_all = _three_segments(step, lo, flo, fhi, hi,
                                                     (zeros, zeros, dq_all, dbias_all))
         return (dq_all, dbias_all), (dk if post_scale is None else dk * post_scale, dv)
 
-    dq0 = jnp.zeros(q_blocks.shape, jnp.float32)
-    dbias0 = None if bias_b is None else jnp.zeros(bias_b.shape, jnp.float32)
+    dq0 = jnp.zeros_like(q_blocks, jnp.float32)
+    dbias0 = None if bias_b is None else jnp.zeros_like(bias_b, jnp.float32)
     (dq_blocks, dbias), (dk_blocks, dv_blocks) = jax.lax.scan(
         one_kv_block, (dq0, dbias0), jnp.arange(k_blocks.shape[0])
     )
