@@ -364,7 +364,11 @@ def _backward(config: Config, residuals, d_out):
 
 def _one_example_at_a_time(fn):
     """Under `jax.vmap`, loop over the batch instead of widening every tile by B:
-    `[B, H, Bq, Bk]` tiles fall out of cache and run ~1.5x slower per example."""
+    `[B, H, Bq, Bk]` tiles fall out of cache and run ~1.5x slower per example.
+    Only with a single device: a loop over the batch cannot be partitioned, so
+    with several devices a batch sharded by `jit` would be gathered onto each."""
+    if jax.device_count() > 1:
+        return fn
     return jax.custom_batching.sequential_vmap(fn)
 
 

@@ -3,6 +3,9 @@ shapes, masks and options (hypothesis), plus the memory-scaling promise."""
 
 import functools
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +175,29 @@ def test_runs_inside_shard_map(name):
     for a, b in zip(jax.tree.leaves(jax.grad(loss(sharded))(params, x)),
                     jax.tree.leaves(jax.grad(loss(plain))(params, x)), strict=True):  # fmt: skip
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_sharded_by_jit_is_not_gathered():
+    """On one device the blockwise op loops over the batch (cache-sized tiles);
+    with several devices it must not, or a batch sharded by jit is gathered onto
+    every device and data parallelism is lost. Two host devices in a subprocess."""
+    code = textwrap.dedent("""
+        import re, jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        import mha_jax as mj
+        mesh = Mesh(jax.devices(), ("data",))
+        params = mj.init_params(jax.random.PRNGKey(0), 24, 6)
+        x = jax.random.normal(jax.random.PRNGKey(1), (4, 600, 24))
+        x = jax.device_put(x, NamedSharding(mesh, P("data")))
+        loss = lambda p, x: (mj.batched_attention(p, x, num_heads=6,
+                                                  implementation="blockwise") ** 2).sum()
+        hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+        print(len(jax.devices()), "devices,", len(re.findall(r" all-gather\\(", hlo)), "all-gathers")
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "2 devices, 0 all-gathers" in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("name", ["blockwise", "xla"])
