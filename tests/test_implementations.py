@@ -177,6 +177,25 @@ def test_runs_inside_shard_map(name):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_blockwise_composes_with_nested_vmap_checkpoint_and_export():
+    params = mj.init_params(jax.random.PRNGKey(0), 24, 6, num_kv_heads=2)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 600, 24))  # [E, B, L, D]
+
+    def layer(name):
+        return jax.vmap(functools.partial(mj.batched_attention, num_heads=6, is_causal=True,
+                                          implementation=name), in_axes=(None, 0))  # fmt: skip
+
+    expected = layer("reference")(params, x)
+    np.testing.assert_allclose(layer("blockwise")(params, x), expected, rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda p: (f(p, x) ** 2).sum()
+    plain = jax.grad(loss(layer("blockwise")))(params)
+    remat = jax.grad(loss(jax.checkpoint(layer("blockwise"))))(params)
+    for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    exported = jax.export.export(jax.jit(layer("blockwise")))(params, x)
+    np.testing.assert_allclose(exported.call(params, x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_batch_sharded_by_jit_is_not_gathered():
     """On one device the blockwise op loops over the batch (cache-sized tiles);
     with several devices it must not, or a batch sharded by jit is gathered onto
