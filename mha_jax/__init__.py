@@ -27,7 +27,9 @@ from mha_jax.stages import (
     attention_weights,
     dropout_weights,
     merge_heads,
+    merge_project,
     project,
+    project_heads,
     split_heads,
 )
 
@@ -44,8 +46,10 @@ __all__ = [
     "init_params",
     "masks",
     "merge_heads",
+    "merge_project",
     "param_shapes",
     "project",
+    "project_heads",
     "reference_core",
     "resolve_sizes",
     "split_heads",

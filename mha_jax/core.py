@@ -24,9 +24,8 @@ from mha_jax.stages import (
     attention_scores,
     attention_weights,
     dropout_weights,
-    merge_heads,
-    project,
-    split_heads,
+    merge_project,
+    project_heads,
 )
 
 
@@ -82,9 +81,10 @@ def attention(
     params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
     x_q, x_kv = zero_hidden_rows(x_q.astype(dtype), x_kv.astype(dtype), mask, kv_length)
 
-    q = split_heads(project(x_q, params.w_q, params.b_q), num_heads)  # [Lq, H, Dh]
-    k = split_heads(project(x_kv, params.w_k, params.b_k), sizes["num_kv_heads"])  # [Lk, Hkv, Dh]
-    v = split_heads(project(x_kv, params.w_v, params.b_v), sizes["num_kv_heads"])  # [Lk, Hkv, Dh]
+    # project_heads(x, w, b, H) = split_heads(project(x, w, b), H), in one einsum
+    q = project_heads(x_q, params.w_q, params.b_q, num_heads)  # [Lq, H, Dh]
+    k = project_heads(x_kv, params.w_k, params.b_k, sizes["num_kv_heads"])  # [Lk, Hkv, Dh]
+    v = project_heads(x_kv, params.w_v, params.b_v, sizes["num_kv_heads"])  # [Lk, Hkv, Dh]
     if implementation == "reference":
         heads, weights = reference_core(
             q, k, v, mask=mask, bias=bias, structure=structure, scale=scale,
@@ -94,7 +94,7 @@ def attention(
         heads, weights = implementations.run(
             implementation, q, k, v, mask=mask, bias=bias, structure=structure, scale=scale
         ), None  # fmt: skip
-    out = project(merge_heads(heads), params.w_o, params.b_o)  # [Lq, D_out]
+    out = merge_project(heads, params.w_o, params.b_o)  # = project(merge_heads(heads), ...) [Lq, D_out]
     return (out, weights) if return_weights else out
 
 
