@@ -28,8 +28,8 @@ NAMES = ("auto", "reference", "blockwise", "xla", "cudnn", "pallas")
 
 # Below this many (query, key) pairs per example the materialising path is
 # fastest on CPU: one fused pass beats a loop of blocks. From L=512 up the
-# blockwise path wins forward (0.74x vs 1.16x flax.linen at B=8, L=512) and
-# forward+backward (0.82x vs 0.95x), and more so as L grows (scripts/bench.py).
+# blockwise path wins forward (0.73x vs 1.22x flax.linen at B=8, L=512) and
+# forward+backward (0.81x vs 0.94x), and more so as L grows (scripts/bench.py).
 BLOCKWISE_MIN_PAIRS = 512 * 512
 
 
