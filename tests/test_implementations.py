@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,24 +138,22 @@ def test_blockwise_under_vmap_matches_reference(traced_positions):
     k = jax.random.normal(rngs[1], (batch, length_k, 2, 8))
     v = jax.random.normal(rngs[2], (batch, length_k, 2, 8))
     cotangent = jax.random.normal(rngs[3], q.shape)
-    offsets, lengths = (jnp.array([0, 5, -3]), jnp.array([29, 11, 0])) if traced_positions \
-        else (jnp.zeros(batch, int), None)  # fmt: skip
+    positions = (jnp.array([0, 5, -3]), jnp.array([29, 11, 0])) if traced_positions else ()
 
     def run(impl, q, k, v):
-        def one(q, k, v, offset, length):
-            structure = Structure(is_causal=True, q_offset=offset if traced_positions else 3,
-                                  kv_length=length if traced_positions else 17)  # fmt: skip
+        def one(q, k, v, offset=3, length=17):  # the defaults are static Python ints
+            structure = Structure(is_causal=True, q_offset=offset, kv_length=length)
             return core(impl, q, k, v, structure=structure,
                         block_sizes=(8, 8) if impl == "blockwise" else None)  # fmt: skip
 
-        return jax.vmap(one)(q, k, v, offsets, lengths if traced_positions else offsets)
+        return jax.vmap(one)(q, k, v, *positions)
 
     loss = lambda impl: lambda *a: (run(impl, *a) * cotangent).sum()
     np.testing.assert_allclose(jax.jit(functools.partial(run, "blockwise"))(q, k, v),
                                run("reference", q, k, v), rtol=2e-5, atol=2e-5)  # fmt: skip
-    grads = jax.jit(jax.grad(loss("blockwise"), argnums=(0, 1, 2)))(q, k, v)
-    for a, b in zip(grads, jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
+    chex.assert_trees_all_close(jax.jit(jax.grad(loss("blockwise"), argnums=(0, 1, 2)))(q, k, v),
+                                jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v),
+                                rtol=2e-4, atol=2e-4)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["reference", "blockwise", "xla"])
@@ -172,9 +171,8 @@ def test_runs_inside_shard_map(name):
                                     out_specs=spec("data")))  # fmt: skip
     loss = lambda f: lambda params, x: (f(params, x) ** 2).sum()
     np.testing.assert_allclose(sharded(params, x), plain(params, x), rtol=1e-6, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(jax.grad(loss(sharded))(params, x)),
-                    jax.tree.leaves(jax.grad(loss(plain))(params, x)), strict=True):  # fmt: skip
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(jax.grad(loss(sharded))(params, x),
+                                jax.grad(loss(plain))(params, x), rtol=1e-5, atol=1e-5)
 
 
 def test_blockwise_composes_with_nested_vmap_checkpoint_and_export():
@@ -190,8 +188,7 @@ def test_blockwise_composes_with_nested_vmap_checkpoint_and_export():
     loss = lambda f: lambda p: (f(p, x) ** 2).sum()
     plain = jax.grad(loss(layer("blockwise")))(params)
     remat = jax.grad(loss(jax.checkpoint(layer("blockwise"))))(params)
-    for a, b in zip(jax.tree.leaves(remat), jax.tree.leaves(plain), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(remat, plain, rtol=1e-5, atol=1e-5)
     exported = jax.export.export(jax.jit(layer("blockwise")))(params, x)
     np.testing.assert_allclose(exported.call(params, x), expected, rtol=1e-5, atol=1e-5)
 
