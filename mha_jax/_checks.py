@@ -45,14 +45,30 @@ def check_one_of_shapes(name: str, x, options: Sequence[tuple[str, tuple[int, ..
         raise fail(name, f"have shape {want}", f"shape {shape}")
 
 
+def as_array(name: str, x):
+    """`jnp.asarray(x)`, or our message when `x` is not array-like at all (None, a str)."""
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array; got {type(x).__name__} {x!r:.60}") from None
+
+
+def dtype_of(x):
+    """The dtype of an array or scalar, or the Python type's name for anything else."""
+    try:
+        return jnp.result_type(x)
+    except (TypeError, ValueError):
+        return type(x).__name__
+
+
 def check_floating(name: str, x) -> None:
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = dtype_of(x)
+    if isinstance(dtype, str) or not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating dtype; got {dtype}")
 
 
 def check_bool(name: str, x) -> None:
-    dtype = jnp.result_type(x)
+    dtype = dtype_of(x)
     if dtype != jnp.bool_:
         raise TypeError(
             f"{name} must have dtype bool (True = may attend); got {dtype}. "
@@ -61,8 +77,8 @@ def check_bool(name: str, x) -> None:
 
 
 def check_integer(name: str, x) -> None:
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.integer):
+    dtype = dtype_of(x)
+    if isinstance(dtype, str) or not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"{name} must have an integer dtype; got {dtype}")
 
 
@@ -71,9 +87,26 @@ def check_divides(name: str, value: int, divisor_name: str, divisor: int) -> Non
         raise fail(name, f"be divisible by {divisor_name}={divisor}", value)
 
 
+def is_int(value) -> bool:
+    """A Python or NumPy integer, and not a bool (True is not "1 head")."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
 def check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int | np.integer) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise fail(name, "be a positive integer", repr(value))
+
+
+def check_bool_flag(name: str, value) -> None:
+    """Static switches must be real bools: a traced or string "flag" would be truthy."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a Python bool; got {value!r}")
+
+
+def check_block_sizes(block_sizes) -> None:
+    ok = isinstance(block_sizes, tuple | list) and len(block_sizes) == 2
+    if not (ok and all(is_int(b) and b > 0 for b in block_sizes)):
+        raise fail("block_sizes", "be a pair of positive ints (block_q, block_k)", repr(block_sizes))
 
 
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:

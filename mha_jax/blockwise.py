@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from mha_jax import _checks
 from mha_jax.masks import Structure
 from mha_jax.stages import fold_scale
 
@@ -65,15 +66,22 @@ def blockwise_attention(
     structure = Structure() if structure is None else structure
     length_q, num_heads, head_dim = q.shape
     length_k = k.shape[0]
+    if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
+        return jnp.zeros_like(q)
+    if block_sizes is not None:
+        _checks.check_block_sizes(block_sizes)
     block_q, block_k = block_sizes or default_block_sizes(length_q, length_k)
     config = Config(
         block_q=block_q, block_k=block_k, length_q=length_q, length_k=length_k,
         scale=head_dim**-0.5 if scale is None else float(scale), is_causal=structure.is_causal,
         window=structure.window,
     )  # fmt: skip
+    # Positions are int32 whatever jax_enable_x64 says: block indices mix with them.
     q_offset = jnp.asarray(structure.q_offset, jnp.int32)
-    kv_length = jnp.asarray(length_k if structure.kv_length is None else structure.kv_length,
-                            jnp.int32)  # fmt: skip
+    # kv_length beyond Lk means "no padding", as in the reference: clamp, so the
+    # zero keys that pad the last block are never taken for real ones.
+    kv_length = jnp.clip(jnp.asarray(length_k if structure.kv_length is None
+                                     else structure.kv_length), 0, length_k).astype(jnp.int32)  # fmt: skip
     if mask is not None:
         mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, length_q, length_k))
     if bias is not None:
@@ -130,9 +138,8 @@ def _row_blocks(x: Array, config: Config) -> Array:
 def _slice_block(x: Array | None, i, j, config: Config):
     if x is None:
         return None
-    return jax.lax.dynamic_slice(
-        x, (0, i * config.block_q, j * config.block_k), (x.shape[0], config.block_q, config.block_k)
-    )
+    start = (jnp.int32(0), i * config.block_q, j * config.block_k)  # int32: see blockwise_attention
+    return jax.lax.dynamic_slice(x, start, (x.shape[0], config.block_q, config.block_k))
 
 
 def _visible_kv_blocks(i, q_offset, kv_length, config: Config):
@@ -216,20 +223,26 @@ def _three_segments(step, lo, flo, fhi, hi, carry):
 def _block_mask(i, j, mask, q_offset, kv_length, config: Config):
     """Visibility inside block (i, j): `[H or 1, Bq, Bk]` bool, or None if all visible."""
     structure = Structure(config.is_causal, q_offset, kv_length, config.window)
-    q_pos = i * config.block_q + jnp.arange(config.block_q)
-    k_pos = j * config.block_k + jnp.arange(config.block_k)
+    q_pos = i * config.block_q + jnp.arange(config.block_q, dtype=jnp.int32)
+    k_pos = j * config.block_k + jnp.arange(config.block_k, dtype=jnp.int32)
     allowed = structure.allows(q_pos, k_pos)[None]
     block = _slice_block(mask, i, j, config)
     return allowed if block is None else allowed & block
 
 
+def _accumulator(dtype) -> jnp.dtype:
+    """float32 for bf16/f16/f32, float64 for float64: scores, softmax and sums."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _scores(q_blk, k_blk, bias_blk, post_scale: float | None):
-    """`[Hkv, G, Bq, Dh] x [Hkv, Bk, Dh] -> [H, Bq, Bk]` float32 scores (+ bias)."""
+    """`[Hkv, G, Bq, Dh] x [Hkv, Bk, Dh] -> [H, Bq, Bk]` float32 (or float64) scores (+ bias)."""
     hkv, g, bq, dh = q_blk.shape
-    s = jnp.einsum("hgqd,hkd->hgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    acc = _accumulator(q_blk.dtype)
+    s = jnp.einsum("hgqd,hkd->hgqk", q_blk, k_blk, preferred_element_type=acc)
     s = s.reshape(hkv * g, bq, k_blk.shape[1])
     s = s if post_scale is None else s * post_scale
-    return s if bias_blk is None else s + bias_blk.astype(jnp.float32)
+    return s if bias_blk is None else s + bias_blk.astype(acc)
 
 
 def _grouped(x: Array, num_kv_heads: int) -> Array:
@@ -256,17 +269,17 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
         def step(j, carry, masked):
             m, row_sum, acc = carry  # [H, Bq], [H, Bq], [Hkv, G, Bq, Dh]
             s = _scores(q_blk, k_blocks[j], _slice_block(bias, i, j, config), post_scale)
-            if masked:
-                visible = _block_mask(i, j, mask, q_offset, kv_length, config)
-                m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
-                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-                p = jnp.where(visible, jnp.exp(s - m_safe[..., None]), 0.0)  # [H, Bq, Bk]
-            else:
-                m_new = m_safe = jnp.maximum(m, jnp.max(s, axis=-1))
-                p = jnp.exp(s - m_new[..., None])  # [H, Bq, Bk]
+            if masked:  # hidden entries become -inf: exp gives exactly 0
+                s = jnp.where(_block_mask(i, j, mask, q_offset, kv_length, config), s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            # Until a row meets a finite score (every visible score so far masked
+            # or -inf bias) its max is -inf: shift by 0 so that exp never sees
+            # -inf - (-inf). Such a row keeps row_sum 0 and comes out as zeros.
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - m_safe[..., None])  # [H, Bq, Bk]
             alpha = jnp.exp(m - m_safe)
             pv = jnp.einsum("hgqk,hkd->hgqd", _grouped(p.astype(v.dtype), hkv), v_blocks[j],
-                            preferred_element_type=jnp.float32)  # fmt: skip
+                            preferred_element_type=acc.dtype)  # fmt: skip
             acc = acc * _grouped(alpha, hkv)[..., None] + pv
             return m_new, row_sum * alpha + p.sum(axis=-1), acc
 
@@ -274,7 +287,7 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
         flo, fhi = _unmasked_kv_blocks(i, lo, hi, q_offset, kv_length, mask is not None, config)
         # Carries are built *_like an input so that they vary over the same mesh
         # axes inside `shard_map` (a fresh jnp.zeros would not, and the loop fails).
-        acc = jnp.zeros_like(q_blk, jnp.float32)  # [Hkv, G, Bq, Dh]
+        acc = jnp.zeros_like(q_blk, _accumulator(q_blk.dtype))  # [Hkv, G, Bq, Dh]
         row_sum = acc[..., 0].reshape(hkv * g, bq)
         init = (row_sum - jnp.inf, row_sum, acc)
         m, row_sum, acc = _three_segments(step, lo, flo, fhi, hi, init)
@@ -284,7 +297,7 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, row_sum, 1.0)), jnp.inf)
         return out.astype(v.dtype), lse
 
-    out_blocks, lse_blocks = jax.lax.map(one_q_block, jnp.arange(q_blocks.shape[0]))
+    out_blocks, lse_blocks = jax.lax.map(one_q_block, jnp.arange(q_blocks.shape[0], dtype=jnp.int32))
     return _q_unblock(out_blocks, config.length_q), lse_blocks  # [Lq, H, Dh], [nq, H, Bq]
 
 
@@ -302,10 +315,11 @@ def _backward(config: Config, residuals, d_out):
     mask_b = None if mask is None else _row_blocks(mask, config)
     bias_b = None if bias is None else _row_blocks(bias, config)
     hkv = num_kv_heads
+    acc = _accumulator(q.dtype)
     # delta_i = rowsum(dO_i * O_i): the softmax Jacobian's correction term.
     delta_blocks = jnp.einsum(
-        "nhgqd,nhgqd->nhgq", do_blocks.astype(jnp.float32),
-        _q_blocks(out, num_kv_heads, config).astype(jnp.float32),
+        "nhgqd,nhgqd->nhgq", do_blocks.astype(acc),
+        _q_blocks(out, num_kv_heads, config).astype(acc),
     ).reshape(lse_blocks.shape)  # [nq, H, Bq] # fmt: skip
 
     def one_kv_block(carry, j):
@@ -321,34 +335,34 @@ def _backward(config: Config, residuals, d_out):
                 p = jnp.where(_block_mask(i, j, mask_b, q_offset, kv_length, config), p, 0.0)
             p_g = _grouped(p, hkv)
             dv = dv + jnp.einsum("hgqk,hgqd->hkd", p_g.astype(v.dtype), do_blk,
-                                 preferred_element_type=jnp.float32)  # fmt: skip
-            dp = jnp.einsum("hgqd,hkd->hgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
+                                 preferred_element_type=acc)  # fmt: skip
+            dp = jnp.einsum("hgqd,hkd->hgqk", do_blk, v_blk, preferred_element_type=acc)
             ds = p_g * (dp - _grouped(delta_blocks[i], hkv)[..., None])  # [Hkv, G, Bq, Bk]
             # q_blk carries the scale when it was folded in; else scale dk below.
             dk = dk + jnp.einsum("hgqk,hgqd->hkd", ds.astype(q.dtype), q_blk,
-                                 preferred_element_type=jnp.float32)  # fmt: skip
+                                 preferred_element_type=acc)  # fmt: skip
             dq_blk = jnp.einsum("hgqk,hkd->hgqd", ds.astype(k.dtype), k_blk,
-                                preferred_element_type=jnp.float32)  # fmt: skip
+                                preferred_element_type=acc)  # fmt: skip
             dq_all = dq_all.at[i].add(dq_blk)
             if dbias_all is not None:
                 ds_h = ds.reshape(-1, config.block_q, config.block_k)
                 ds_h = ds_h if dbias_all.shape[0] > 1 else ds_h.sum(0, keepdims=True)
-                start = (0, i * config.block_q, j * config.block_k)
+                start = (jnp.int32(0), i * config.block_q, j * config.block_k)
                 old = jax.lax.dynamic_slice(dbias_all, start, ds_h.shape)
                 dbias_all = jax.lax.dynamic_update_slice(dbias_all, old + ds_h, start)
             return dk, dv, dq_all, dbias_all
 
         lo, hi = _visible_q_blocks(j, q_offset, kv_length, config)
         flo, fhi = _unmasked_q_blocks(j, lo, hi, q_offset, kv_length, mask_b is not None, config)
-        zeros = jnp.zeros_like(k_blk, jnp.float32)  # *_like: see the forward's carries
+        zeros = jnp.zeros_like(k_blk, acc)  # *_like: see the forward's carries
         dk, dv, dq_all, dbias_all = _three_segments(step, lo, flo, fhi, hi,
                                                     (zeros, zeros, dq_all, dbias_all))
         return (dq_all, dbias_all), (dk if post_scale is None else dk * post_scale, dv)
 
-    dq0 = jnp.zeros_like(q_blocks, jnp.float32)
-    dbias0 = None if bias_b is None else jnp.zeros_like(bias_b, jnp.float32)
+    dq0 = jnp.zeros_like(q_blocks, acc)
+    dbias0 = None if bias_b is None else jnp.zeros_like(bias_b, acc)
     (dq_blocks, dbias), (dk_blocks, dv_blocks) = jax.lax.scan(
-        one_kv_block, (dq0, dbias0), jnp.arange(k_blocks.shape[0])
+        one_kv_block, (dq0, dbias0), jnp.arange(k_blocks.shape[0], dtype=jnp.int32)
     )
     dq = _q_unblock(dq_blocks * config.scale, config.length_q).astype(q.dtype)
     dk = _kv_unblock(dk_blocks, config.length_k).astype(k.dtype)

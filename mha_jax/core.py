@@ -13,10 +13,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.typing import ArrayLike
 
-from mha_jax import _checks, implementations
+from mha_jax import _checks, implementations, masks
 from mha_jax.masks import Structure, normalize_window
 from mha_jax.params import MHAParams
 from mha_jax.stages import (
@@ -64,13 +65,16 @@ def attention(
 
     A query row with no visible key returns zeros, with zero gradients.
     """
-    x_q = jnp.asarray(x_q)
-    x_kv = x_q if x_kv is None else jnp.asarray(x_kv)
-    mask, bias = (None if a is None else jnp.asarray(a) for a in (mask, bias))
+    x_q = _checks.as_array("x_q", x_q)
+    x_kv = x_q if x_kv is None else _checks.as_array("x_kv", x_kv)
+    mask = None if mask is None else _checks.as_array("mask", mask)
+    bias = None if bias is None else _checks.as_array("bias", bias)
     sizes = check_arguments(
         params, x_q, x_kv, num_heads=num_heads, mask=mask, bias=bias, kv_length=kv_length,
         q_offset=q_offset, dropout_rate=dropout_rate, rng=rng, deterministic=deterministic,
     )  # fmt: skip
+    check_settings(is_causal=is_causal, scale=scale, dtype=dtype, deterministic=deterministic,
+                   return_weights=return_weights)  # fmt: skip
     structure = Structure(is_causal, q_offset, kv_length, normalize_window(window))
     dropout = 0.0 if deterministic else dropout_rate
     implementation = implementations.resolve(
@@ -79,7 +83,7 @@ def attention(
     )  # fmt: skip
     dtype = jnp.result_type(x_q) if dtype is None else jnp.dtype(dtype)
     params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
-    x_q, x_kv = zero_hidden_rows(x_q.astype(dtype), x_kv.astype(dtype), mask, kv_length)
+    x_q, x_kv = zero_hidden_rows(x_q.astype(dtype), x_kv.astype(dtype), mask, bias, structure)
 
     # project_heads(x, w, b, H) = split_heads(project(x, w, b), H), in one einsum
     q = project_heads(x_q, params.w_q, params.b_q, num_heads)  # [Lq, H, Dh]
@@ -101,6 +105,8 @@ def attention(
 def reference_core(q, k, v, *, mask, bias, structure, scale, dropout_rate, rng):
     """The spec: `softmax(q kᵀ / sqrt(Dh) + bias, where=mask) · v`, `[H, Lq, Lk]` in memory."""
     length_q, length_k = q.shape[0], k.shape[0]
+    if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
+        return jnp.zeros_like(q), jnp.zeros((q.shape[1], length_q, length_k), v.dtype)
     if not structure.is_trivial:
         rules = structure.allows(jnp.arange(length_q), jnp.arange(length_k))  # [Lq, Lk]
         mask = rules if mask is None else mask & rules
@@ -113,25 +119,28 @@ def reference_core(q, k, v, *, mask, bias, structure, scale, dropout_rate, rng):
     return heads, weights
 
 
-def zero_hidden_rows(x_q, x_kv, mask, kv_length):
-    """Zero the inputs that no query may see (and the queries that see nothing).
+def zero_hidden_rows(x_q, x_kv, mask, bias, structure: Structure):
+    """Zero the inputs that no query may see, and the queries that see nothing.
 
     Masking the scores cannot stop `0 * NaN` in `weights · v` or in the
     gradients when padding holds garbage (pytorch#101967); zeroing the rows
     first changes no visible number and keeps NaN in padding out of valid rows.
+    "Hidden" is every way a key can be hidden: the mask, the structure (causal,
+    window, kv_length) and a `-inf` bias. Without a mask or bias this is O(L).
     """
-    length_k = x_kv.shape[0]
-    key_visible = None
-    if kv_length is not None:
-        key_visible = jnp.arange(length_k) < kv_length
-    if mask is not None:
-        by_mask = mask.reshape(-1, length_k).any(axis=0)
-        key_visible = by_mask if key_visible is None else key_visible & by_mask
-        query_sees = mask.reshape(-1, *mask.shape[-2:]).any(axis=(0, 2))
-        x_q = jnp.where(query_sees[:, None], x_q, 0)
-    if key_visible is not None:
-        x_kv = jnp.where(key_visible[:, None], x_kv, 0)
-    return x_q, x_kv
+    length_q, length_k = x_q.shape[0], x_kv.shape[0]
+    if mask is None and bias is None:
+        if structure.is_trivial:
+            return x_q, x_kv
+        query_sees = structure.query_sees_any(length_q, length_k)
+        key_seen = structure.key_seen_by_any(length_q, length_k)
+    else:  # a dense mask or bias is [Lq, Lk] already: so is this
+        per_head = masks.combine(mask, None if bias is None else bias > -jnp.inf)
+        visible = per_head if per_head.ndim == 2 else per_head.any(axis=0)  # [Lq, Lk]
+        if not structure.is_trivial:
+            visible &= structure.allows(jnp.arange(length_q), jnp.arange(length_k))
+        query_sees, key_seen = visible.any(axis=1), visible.any(axis=0)
+    return jnp.where(query_sees[:, None], x_q, 0), jnp.where(key_seen[:, None], x_kv, 0)
 
 
 def check_arguments(
@@ -140,6 +149,9 @@ def check_arguments(
 ) -> dict[str, int]:  # fmt: skip
     """Validate one example (or, with `batch=(B,)`, a batch) before any maths runs."""
     lead = "[B, " if batch else "["
+    if not isinstance(params, MHAParams):
+        raise TypeError(f"params must be an mha_jax.MHAParams (e.g. MHAParams(**weights) for a "
+                        f"dict); got {type(params).__name__}")  # fmt: skip
     _checks.check_positive("num_heads", num_heads)
     _checks.check_rank("x_q", x_q, len(batch) + 2, f"{lead}Lq, D]")
     _checks.check_rank("x_kv", x_kv, len(batch) + 2, f"{lead}Lk, D_kv]")
@@ -191,6 +203,23 @@ def check_arguments(
         raise ValueError("rng must be given when dropout_rate > 0 and deterministic=False; got None")
     return dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                 length_q=length_q, length_k=length_k)  # fmt: skip
+
+
+def check_settings(*, is_causal, scale, dtype, deterministic, return_weights) -> None:
+    """The static settings: real bools, a finite real scale, a floating dtype."""
+    for name, flag in (("is_causal", is_causal), ("deterministic", deterministic),
+                       ("return_weights", return_weights)):  # fmt: skip
+        _checks.check_bool_flag(name, flag)
+    if scale is not None and not (isinstance(scale, int | float | np.integer | np.floating)
+                                  and not isinstance(scale, bool) and np.isfinite(scale)):  # fmt: skip
+        raise TypeError(f"scale must be a finite real number or None; got {scale!r}")
+    if dtype is not None:
+        try:
+            dtype = jnp.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be a floating dtype or None; got {dtype!r}") from None
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"dtype must be a floating dtype or None; got {dtype}")
 
 
 _STATIC = ("num_heads", "is_causal", "static_q_offset", "window", "scale", "dropout_rate",

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from mha_jax import _checks
+from mha_jax import _checks, masks
 from mha_jax.blockwise import blockwise_attention
 from mha_jax.masks import Structure
 
@@ -45,6 +45,13 @@ def limitations(
         reasons.append("apply dropout (it has no dropout)")
     if return_weights:
         reasons.append("return the attention weights (it never materialises them)")
+    if name != "blockwise" and jnp.dtype(dtype) == jnp.float64:
+        # jax.nn and the Pallas kernels run the softmax in float32 whatever the
+        # input: float64 would silently come back with float32 accuracy.
+        reasons.append("compute in float64 (its softmax runs in float32)")
+    if name == "xla" and backend == "cpu" and jnp.dtype(dtype) == jnp.float16:
+        # jax.nn asks for an F16_F16_F32 dot, which XLA:CPU cannot compile under jit.
+        reasons.append("compute in float16 on backend 'cpu' (XLA:CPU has no F16_F16_F32 dot)")
     if name in ("blockwise", "xla"):
         return reasons
     static_zero_offset = isinstance(structure.q_offset, int) and structure.q_offset == 0
@@ -74,7 +81,7 @@ def limitations(
 
 
 def resolve(
-    name: str, x_q, sizes, structure, *, mask, bias, dropout_rate, return_weights, dtype
+    name: object, x_q, sizes, structure, *, mask, bias, dropout_rate, return_weights, dtype
 ) -> str:
     """Validate an explicit choice, or make one for "auto"."""
     _checks.check_choice("implementation", name, NAMES)
@@ -104,15 +111,22 @@ def resolve(
 
 def run(name: str, q, k, v, *, mask, bias, structure: Structure, scale) -> Array:
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> [Lq, H, Dh]` with the chosen kernel."""
+    if q.shape[0] == 0 or k.shape[0] == 0:  # no query, or nothing to attend to: zeros
+        return jnp.zeros_like(q)
     if name == "blockwise":
         return blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure, scale=scale)
     length_q, length_k = q.shape[0], k.shape[0]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if name == "xla":
         dense = mask
+        if bias is not None:
+            # A -inf bias hides its key as a False mask entry does; jax.nn would
+            # give NaN for a row of them, or let masked keys back in.
+            finite = bias > -jnp.inf
+            dense, bias = masks.combine(dense, finite), jnp.where(finite, bias, 0.0)
         if not structure.is_trivial:
             rules = structure.allows(jnp.arange(length_q), jnp.arange(length_k))
-            dense = rules if mask is None else mask & rules
+            dense = masks.combine(dense, rules)
         heads = _jax_nn(q, k, v, bias=bias, mask=dense, scale=scale, implementation="xla")
         if dense is None:
             return heads
@@ -126,25 +140,10 @@ def run(name: str, q, k, v, *, mask, bias, structure: Structure, scale) -> Array
             is_causal=structure.is_causal, key_value_seq_lengths=lengths,
             local_window_size=structure.window,
         )  # fmt: skip
-        return jnp.where(_rows_with_keys(structure, length_q, length_k)[:, None, None], heads, 0)
+        return jnp.where(structure.query_sees_any(length_q, length_k)[:, None, None], heads, 0)
     if name == "pallas":
         return _pallas(q, k, v, is_causal=structure.is_causal, scale=scale)
     raise AssertionError(f"unreachable: {name}")
-
-
-def _rows_with_keys(structure: Structure, length_q: int, length_k: int) -> Array:
-    """`[Lq]`: does query row i see any key under `structure`? O(Lq), no `[Lq, Lk]`."""
-    q = jnp.arange(length_q) + structure.q_offset
-    lo = jnp.zeros_like(q)
-    hi = jnp.full_like(q, length_k)
-    if structure.kv_length is not None:
-        hi = jnp.minimum(hi, structure.kv_length)
-    if structure.is_causal:
-        hi = jnp.minimum(hi, q + 1)
-    if structure.window is not None:
-        left, right = structure.window
-        lo, hi = jnp.maximum(lo, q - left), jnp.minimum(hi, q + right + 1)
-    return hi > lo
 
 
 def _jax_nn(q, k, v, *, bias, mask, scale, implementation, **options):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Bool, Int
@@ -23,14 +24,18 @@ from jaxtyping import Bool, Int
 Window = tuple[int, int]
 
 
-def normalize_window(window: int | tuple[int, int] | None) -> Window | None:
+def normalize_window(window: object) -> Window | None:
     """`w` means `(w, w)`: keys at most `w` positions before or after the query."""
     if window is None:
         return None
-    left, right = (window, window) if isinstance(window, int) else tuple(window)
+    is_int = lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+    pair = (window, window) if is_int(window) else window
+    if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(map(is_int, pair))):
+        raise ValueError(f"window must be an int or a (left, right) pair of ints; got {window!r}")
+    left, right = int(pair[0]), int(pair[1])
     if left < 0 or right < 0:
         raise ValueError(f"window must be non-negative (left, right) sizes; got {window!r}")
-    return int(left), int(right)
+    return left, right
 
 
 class Structure(NamedTuple):
@@ -65,6 +70,32 @@ class Structure(NamedTuple):
             left, right = self.window
             allowed &= (k >= q - left) & (k <= q + right)
         return allowed
+
+    def query_sees_any(self, length_q: int, length_k: int) -> Bool[Array, " Lq"]:
+        """`[Lq]`: may query row i see any key? O(Lq), no `[Lq, Lk]` array."""
+        q = jnp.arange(length_q) + self.q_offset  # query positions
+        lo, hi = jnp.zeros_like(q), jnp.full_like(q, length_k)  # visible keys [lo, hi)
+        if self.kv_length is not None:
+            hi = jnp.minimum(hi, self.kv_length)
+        if self.is_causal:
+            hi = jnp.minimum(hi, q + 1)
+        if self.window is not None:
+            left, right = self.window
+            lo, hi = jnp.maximum(lo, q - left), jnp.minimum(hi, q + right + 1)
+        return hi > lo
+
+    def key_seen_by_any(self, length_q: int, length_k: int) -> Bool[Array, " Lk"]:
+        """`[Lk]`: may some query see key j? O(Lk), no `[Lq, Lk]` array."""
+        k = jnp.arange(length_k)
+        first = jnp.zeros_like(k) + self.q_offset  # query positions that see k: [first, last]
+        last = first + length_q - 1
+        if self.is_causal:
+            first = jnp.maximum(first, k)
+        if self.window is not None:
+            left, right = self.window
+            first, last = jnp.maximum(first, k - right), jnp.minimum(last, k + left)
+        seen = first <= last
+        return seen if self.kv_length is None else seen & (k < self.kv_length)
 
 
 def causal_mask(length_q: int, length_k: int | None = None, *, q_offset: ArrayLike = 0) -> Array:

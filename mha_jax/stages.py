@@ -87,10 +87,15 @@ def attention_scores(
 
 
 def fold_scale(q, scale: float):
-    """`(q * scale, None)` where scaling the `[Lq, H, Dh]` queries rounds nothing
-    new (float32 and wider; powers of two in any dtype), else `(q, scale)` for
-    the float32 scores: one pass over `Lq·Dh` numbers instead of `Lq·Lk`."""
-    if jnp.finfo(q.dtype).bits >= 32 or math.log2(scale).is_integer():
+    """`(q * scale, None)` where scaling the `[Lq, H, Dh]` queries can neither
+    round nor overflow anything the float32 scores would not (float32 and wider;
+    in bf16/f16 a power of two no larger than 1), else `(q, scale)` for the
+    float32 scores: one pass over `Lq·Dh` numbers instead of `Lq·Lk`.
+
+    A power of two above 1 could overflow f16 (65504) and 0 or a negative
+    scale has no exact low-precision fold: those go to the float32 scores.
+    """
+    if jnp.finfo(q.dtype).bits >= 32 or (0 < scale <= 1 and math.log2(scale).is_integer()):
         return (q * jnp.asarray(scale, q.dtype)).astype(q.dtype), None
     return q, scale
 
@@ -100,8 +105,9 @@ def attention_weights(
 ) -> Float[Array, "H Lq Lk"]:
     """Softmax over keys in float32 (or wider); masked weights are exactly 0.
 
-    A row with no visible key gets all-zero weights (hence a zero output and
-    zero gradients), not NaN (`-inf` fill) and not the mean of V (finite fill).
+    A row with no visible key (every entry masked, or every visible score
+    `-inf` from an additive bias) gets all-zero weights, hence a zero output
+    and zero gradients: not NaN (`-inf` fill) and not the mean of V (finite fill).
     Masking uses `where`, so no large negative constant can overflow.
     """
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
@@ -110,9 +116,14 @@ def attention_weights(
 
 @jax.custom_jvp
 def _masked_softmax(scores, mask):
-    if mask is None:  # nothing to hide: three passes, no `where`
-        unnormalised = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-        return unnormalised / unnormalised.sum(axis=-1, keepdims=True)
+    if mask is None:  # nothing to hide: no `where` over [H, Lq, Lk]
+        row_max = jnp.max(scores, axis=-1, keepdims=True)
+        # A row whose scores are all -inf (an additive -inf bias) has nothing
+        # to attend to: shift it by 0, so exp gives 0 rather than exp(nan).
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        unnormalised = jnp.exp(scores - row_max)
+        total = unnormalised.sum(axis=-1, keepdims=True)
+        return unnormalised / jnp.where(total > 0, total, 1.0)
     row_max = jnp.max(scores, axis=-1, keepdims=True, where=mask, initial=-jnp.inf)
     # Any per-row shift leaves the softmax unchanged; a fully masked row has
     # max -inf, so shift it by 0 instead.

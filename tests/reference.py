@@ -1,5 +1,11 @@
-"""An independent float64 NumPy spec of multi-head attention: explicit loops
-over heads and query rows, nothing shared with mha_jax but the conventions."""
+"""Independent float64 NumPy specs of multi-head attention: written from the
+formula, sharing nothing with mha_jax but the conventions.
+
+The conventions, in one place: a key is hidden from a query when the mask
+says False, when the structure (causal, window, kv_length) rules it out, or
+when its additive bias is -inf; a query row with no key left outputs zero
+heads (zero weights).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,56 @@ def normal(seed, shape, dtype="float32"):
     return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
 
 
+def visible_np(length_q, length_k, *, num_heads, mask=None, bias=None, is_causal=False,
+               q_offset=0, kv_length=None, window=None):
+    """`[H, Lq, Lk]` bool: may query i see key j in head h? Loops, not tricks."""
+    if isinstance(window, int):
+        window = (window, window)
+    allowed = np.ones((num_heads, length_q, length_k), dtype=bool)
+    for i in range(length_q):
+        pos = i + int(q_offset)
+        for j in range(length_k):
+            if is_causal and j > pos:
+                allowed[:, i, j] = False
+            if kv_length is not None and j >= int(kv_length):
+                allowed[:, i, j] = False
+            if window is not None and not (pos - window[0] <= j <= pos + window[1]):
+                allowed[:, i, j] = False
+    if mask is not None:
+        allowed &= np.broadcast_to(np.asarray(mask, bool), allowed.shape)
+    if bias is not None:
+        allowed &= np.broadcast_to(np.asarray(bias, np.float64) > -np.inf, allowed.shape)
+    return allowed
+
+
+def core_np(q, k, v, *, mask=None, bias=None, is_causal=False, q_offset=0, kv_length=None,
+            window=None, scale=None):
+    """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk])` in float64."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    length_q, num_heads, head_dim = q.shape
+    length_k, num_kv_heads = k.shape[:2]
+    group = num_heads // num_kv_heads
+    scale = 1.0 / np.sqrt(head_dim) if scale is None else float(scale)
+    allowed = visible_np(length_q, length_k, num_heads=num_heads, mask=mask, bias=bias,
+                         is_causal=is_causal, q_offset=q_offset, kv_length=kv_length,
+                         window=window)
+    bias = np.zeros((num_heads, length_q, length_k)) if bias is None else np.broadcast_to(
+        np.asarray(bias, np.float64), (num_heads, length_q, length_k))
+    heads = np.zeros((length_q, num_heads, head_dim))
+    weights = np.zeros((num_heads, length_q, length_k))
+    for h in range(num_heads):
+        kh, vh = k[:, h // group], v[:, h // group]  # query head h reads kv head h // G
+        for i in range(length_q):
+            seen = allowed[h, i]
+            if not seen.any():
+                continue  # nothing to attend to: zero weights, zero heads
+            logits = np.where(seen, q[i, h] @ kh.T * scale + np.where(seen, bias[h, i], 0), -np.inf)
+            e = np.exp(logits - logits[seen].max())
+            weights[h, i] = e / e.sum()
+            heads[i, h] = weights[h, i] @ vh
+    return heads, weights
+
+
 def attention_np(params, x_q, x_kv=None, *, num_heads, mask=None, bias=None,
                  is_causal=False, q_offset=0, kv_length=None, window=None, scale=None):
     """One example, float64. Returns (out [Lq, D_out], weights [H, Lq, Lk])."""
@@ -22,43 +78,11 @@ def attention_np(params, x_q, x_kv=None, *, num_heads, mask=None, bias=None,
     b = lambda v, n: np.zeros(n) if v is None else f64(v)
     head_dim = w_q.shape[1] // num_heads
     num_kv = w_k.shape[1] // head_dim
-    group = num_heads // num_kv
-    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
-    q = x_q @ w_q + b(params.b_q, w_q.shape[1])
-    k = x_kv @ w_k + b(params.b_k, w_k.shape[1])
-    v = x_kv @ w_v + b(params.b_v, w_v.shape[1])
-    length_q, length_k = x_q.shape[0], x_kv.shape[0]
-    if isinstance(window, int):
-        window = (window, window)
-    heads = np.zeros((length_q, num_heads * head_dim))
-    weights = np.zeros((num_heads, length_q, length_k))
-    for h in range(num_heads):
-        kv_h = h // group
-        qh = q[:, h * head_dim:(h + 1) * head_dim]
-        kh = k[:, kv_h * head_dim:(kv_h + 1) * head_dim]
-        vh = v[:, kv_h * head_dim:(kv_h + 1) * head_dim]
-        for i in range(length_q):
-            allowed = np.ones(length_k, dtype=bool)
-            pos = i + q_offset
-            for j in range(length_k):
-                if mask is not None:
-                    head_mask = np.asarray(mask)[h] if np.ndim(mask) == 3 else np.asarray(mask)
-                    allowed[j] &= bool(head_mask[i, j])
-                if is_causal and j > pos:
-                    allowed[j] = False
-                if kv_length is not None and j >= kv_length:
-                    allowed[j] = False
-                if window is not None and not (pos - window[0] <= j <= pos + window[1]):
-                    allowed[j] = False
-            if not allowed.any():
-                continue  # no visible key: zero weights, zero output
-            logits = qh[i] @ kh.T * scale
-            if bias is not None:
-                head_bias = f64(bias)[h] if np.ndim(bias) == 3 else f64(bias)
-                logits = logits + head_bias[i]
-            logits = np.where(allowed, logits, -np.inf)
-            e = np.exp(logits - logits[allowed].max())
-            weights[h, i] = e / e.sum()
-            heads[i, h * head_dim:(h + 1) * head_dim] = weights[h, i] @ vh
-    out = heads @ w_o + b(params.b_o, w_o.shape[1])
+    split = lambda x, n: x.reshape(x.shape[0], n, head_dim)
+    q = split(x_q @ w_q + b(params.b_q, w_q.shape[1]), num_heads)
+    k = split(x_kv @ w_k + b(params.b_k, w_k.shape[1]), num_kv)
+    v = split(x_kv @ w_v + b(params.b_v, w_v.shape[1]), num_kv)
+    heads, weights = core_np(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
+                             q_offset=q_offset, kv_length=kv_length, window=window, scale=scale)
+    out = heads.reshape(heads.shape[0], -1) @ w_o + b(params.b_o, w_o.shape[1])
     return out, weights

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -88,6 +89,32 @@ TABLE = [
                  r"cannot compute in float32"),
     ("pallas_cannot_take_mask", one(implementation="pallas", mask=jnp.ones((Lq, Lk), bool)),
      ValueError, r'implementation="pallas" cannot take a mask or bias array'),
+    # found by the adversarial run: accepted silently, or refused without the argument's name
+    ("num_heads_bool", one(num_heads=True),
+     ValueError, r"num_heads must be a positive integer; got True"),
+    ("scale_string", one(scale="0.5"),
+     TypeError, r"scale must be a finite real number or None; got '0.5'"),
+    ("scale_nan", one(scale=float("nan")),
+     TypeError, r"scale must be a finite real number or None; got nan"),
+    ("params_as_dict", one(params=PARAMS._asdict()),
+     TypeError, r"params must be an mha_jax.MHAParams \(e.g. MHAParams\(\*\*weights\) for a dict\); "
+                r"got dict"),
+    ("window_one_element", one(window=(1,)),
+     ValueError, r"window must be an int or a \(left, right\) pair of ints; got \(1,\)"),
+    ("window_float", one(window=(1.5, 2)),
+     ValueError, r"window must be an int or a \(left, right\) pair of ints; got \(1.5, 2\)"),
+    ("dtype_integer", one(dtype=jnp.int32),
+     TypeError, r"dtype must be a floating dtype or None; got int32"),
+    ("dtype_nonsense", one(dtype="float3"),
+     TypeError, r"dtype must be a floating dtype or None; got 'float3'"),
+    ("is_causal_string", one(is_causal="yes"),
+     TypeError, r"is_causal must be a Python bool; got 'yes'"),
+    ("return_weights_array", one(return_weights=jnp.array(True)),
+     TypeError, r"return_weights must be a Python bool; got"),
+    ("block_sizes_zero",
+     lambda: mj.blockwise_attention(jnp.ones((4, 2, 8)), jnp.ones((4, 2, 8)), jnp.ones((4, 2, 8)),
+                                    block_sizes=(0, 8)),
+     ValueError, r"block_sizes must be a pair of positive ints \(block_q, block_k\); got \(0, 8\)"),
     ("nnx_in_features_not_divisible", lambda: mnnx.MultiHeadAttention(10, 3, rngs=nnx.Rngs(0)),
      ValueError, r"d_model must be divisible by num_heads=3; got 10"),
     ("linen_rank_4_input",
@@ -116,3 +143,45 @@ def test_errors_are_ours_not_vmaps():
     # a [B]-shaped argument of the wrong size must not reach vmap's own message
     with pytest.raises(ValueError, match=r"^q_offset must have shape \[B\]"):
         mj.batched_attention(PARAMS, BQ, BKV, num_heads=H, q_offset=jnp.array([1, 2, 3]))
+
+
+def test_numpy_integer_window_is_an_int():
+    """`window=np.int64(2)` (e.g. read from an array) is the int 2, not an error."""
+    np.testing.assert_array_equal(mj.attention(PARAMS, XQ, XKV, num_heads=H, window=np.int64(2)),
+                                  mj.attention(PARAMS, XQ, XKV, num_heads=H, window=2))
+
+
+# The hunt: every argument of `attention`, given something of the wrong kind,
+# must raise ValueError or TypeError whose message starts with that argument's
+# name (or `params.`): never vmap's, jnp's or an AttributeError.
+WRONG = {
+    "x_q": [None, "text", jnp.ones((Lq,)), jnp.ones((Lq, D), bool)],
+    "x_kv": ["text", jnp.ones((Lk, D, 1)), jnp.ones((Lk, D), jnp.int8)],
+    "num_heads": [0, -3, 2.0, "3", None, True],
+    "mask": [jnp.ones((Lq, Lk), jnp.int32), jnp.ones((Lq,), bool), jnp.ones((2, Lq, Lk), bool)],
+    "bias": [jnp.ones((Lq, Lk), bool), jnp.ones((Lk,)), jnp.ones((H + 1, Lq, Lk))],
+    "is_causal": ["yes", 1, None],
+    "q_offset": [1.5, jnp.ones((2,), jnp.int32), "1"],
+    "kv_length": [2.5, jnp.ones((2,), jnp.int32), "3"],
+    "window": [(1,), (1, 2, 3), (-1, 0), "2", 2.5, (1.0, 2.0), True],
+    "scale": ["0.5", float("inf"), [0.5], True],
+    "dropout_rate": [1.0, -0.1],
+    "deterministic": ["no", None],
+    "return_weights": ["yes", None],
+    "dtype": ["float3", jnp.int32, bool],
+    "implementation": ["flash", None, 3],
+}
+
+
+@pytest.mark.parametrize("argument, value",
+                         [(a, v) for a, values in WRONG.items() for v in values],
+                         ids=[f"{a}-{i}" for a, values in WRONG.items() for i in range(len(values))])
+def test_every_wrong_argument_is_named(argument, value):
+    kwargs = {"params": PARAMS, "x_q": XQ, "x_kv": XKV, "num_heads": H, argument: value}
+    if argument in ("dropout_rate", "deterministic"):
+        kwargs |= dict(rng=jax.random.PRNGKey(0))
+    if argument == "deterministic":
+        kwargs["dropout_rate"] = 0.1
+    with pytest.raises((ValueError, TypeError)) as raised:
+        mj.attention(kwargs.pop("params"), kwargs.pop("x_q"), kwargs.pop("x_kv"), **kwargs)
+    assert str(raised.value).startswith((argument, "params.")), str(raised.value)
