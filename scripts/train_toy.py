@@ -8,15 +8,30 @@
 Reads in the order things happen: config, data, parameters, optimizer, step,
 loop. Each run writes a run directory with config.yaml (as resolved),
 metrics.jsonl, curves.png, heatmap PNGs and orbax checkpoints; Ctrl-C or
-SIGTERM saves a checkpoint and exits, and --resume continues bit-identically.
+SIGTERM saves a checkpoint and exits, and --resume continues bit-identically
+(on the same devices and implementation).
+
+A resume continues the same run, so every config field keeps its saved value
+except those in RESUME_MAY_CHANGE: `implementation` (the same function, equal
+up to rounding), the bookkeeping fields (log_every, eval_every,
+checkpoint_every, keep_checkpoints, num_heatmaps, target) and `steps` (to train
+longer or stop sooner, never below the restored step; the learning-rate
+schedule spans `steps`, so the script says that it changes). The model's
+shapes, the data (seed, eval_seed, batch_size, eval_size) and the optimiser
+(learning_rate, warmup_steps, weight_decay, clip_norm) are refused: change
+them in a new run directory. If the latest checkpoint does not read, the
+newest one that does is restored (the unreadable ones are moved to
+RUN_DIR/unreadable-checkpoints); only when none reads is it an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import statistics
 import sys
@@ -81,27 +96,36 @@ class Config:
 # Fields that decide the shapes of the parameters: a resume must keep them.
 MODEL_FIELDS = ("task", "d_model", "num_heads", "num_keys", "num_values", "num_pairs",
                 "num_queries", "seq_len", "vocab_size")  # fmt: skip
+# A resume continues the same run: every other field keeps its saved value too,
+# except these, which change how the run is computed or watched, not what it computes
+# (`steps` stretches the learning-rate schedule, and the script says so).
+RESUME_MAY_CHANGE = ("steps", "implementation", "log_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "num_heatmaps", "target")  # fmt: skip
 
 
 class ConfigError(ValueError):
     pass
 
 
+def _has_type(value: Any, kind: type) -> bool:
+    """A bool is not an int (nor a float); an int is a float."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
+
+
 def _coerce(name: str, kind: type, value: Any) -> Any:
-    """`value` (from YAML or from `--set`, then a string) as the field's type."""
+    """`value` (from YAML, or a string from `--set`) as the field's type."""
     try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false"):
+        if isinstance(value, str) and kind is not str:
+            if kind is bool and value.lower() in ("true", "false"):
                 return value.lower() == "true"
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if kind is int and (isinstance(value, bool) or isinstance(value, float)):
-            raise ValueError
-        if kind is float and isinstance(value, bool):
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
+            if kind in (int, float):
+                return kind(value)  # int("True"), int("2.0") and float("yes") refuse
+        elif _has_type(value, kind):
+            return kind(value)
+        raise ValueError
+    except ValueError:
         raise ConfigError(
             f"config field {name!r} must be of type {kind.__name__}; got {value!r}"
         ) from None
@@ -109,19 +133,36 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
 
 def make_config(values: dict[str, Any]) -> Config:
     hints = typing.get_type_hints(Config)
-    unknown = sorted(set(values) - set(hints))
+    unknown = sorted(str(k) for k in values if k not in hints)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; valid keys are {sorted(hints)}")
     return Config(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in the YAML file `path`; an empty file is an empty mapping."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise ConfigError(f"config file {path} must be a readable file; got {reason}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise ConfigError(f"config file {path} must be valid YAML; got {problem}{where}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of config keys; "
+                          f"got a {type(loaded).__name__}")  # fmt: skip
+    return loaded
+
+
 def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
-    values = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys; got {type(loaded)}")
-        values.update(loaded)
+    values = {} if path is None else read_yaml(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -136,6 +177,10 @@ def check_config(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
+    for name, kind in typing.get_type_hints(Config).items():  # a Config made in Python, too
+        value = getattr(cfg, name)
+        need(_has_type(value, kind),
+             f"config field {name!r} must be of type {kind.__name__}; got {value!r}")
     need(cfg.task in TASKS, f"task must be one of {sorted(TASKS)}; got {cfg.task!r}")
     need(cfg.implementation in mha_jax.IMPLEMENTATIONS,
          f"implementation must be one of {list(mha_jax.IMPLEMENTATIONS)}; "
@@ -153,7 +198,12 @@ def check_config(cfg: Config) -> None:
          f"num_queries must be at most num_pairs={cfg.num_pairs}; got {cfg.num_queries}")
     need(0 <= cfg.warmup_steps < cfg.steps,
          f"warmup_steps must lie in [0, steps={cfg.steps}); got {cfg.warmup_steps}")
-    need(cfg.learning_rate > 0, f"learning_rate must be positive; got {cfg.learning_rate}")
+    need(0 < cfg.learning_rate < math.inf,
+         f"learning_rate must be positive and finite; got {cfg.learning_rate}")
+    need(0 <= cfg.weight_decay < math.inf,
+         f"weight_decay must be non-negative and finite (0 turns it off); got {cfg.weight_decay}")
+    need(cfg.clip_norm > 0, f"clip_norm must be positive (the largest global gradient norm; inf "
+                            f"turns clipping off); got {cfg.clip_norm}")  # fmt: skip
     need(cfg.num_heatmaps <= cfg.eval_size, "num_heatmaps must be at most eval_size")
     devices = jax.device_count()
     need(cfg.batch_size % devices == 0,
@@ -210,8 +260,8 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
 def make_steps(cfg: Config, graphdef, optimizer, shardings):
     """Pure, jitted `train_step(state, batch) -> (state, metrics)` and `evaluate`."""
 
-    def forward(params, batch, return_weights=False):
-        return nnx.merge(graphdef, params)(batch, return_weights=return_weights)
+    def forward(params, batch):
+        return nnx.merge(graphdef, params)(batch)
 
     def train_step(state: TrainState, batch):
         def loss_fn(params):
@@ -231,7 +281,21 @@ def make_steps(cfg: Config, graphdef, optimizer, shardings):
     train_step = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
                          donate_argnums=0)  # fmt: skip
     batches = jax.jit(lambda step: batch_for_step(cfg, step), out_shardings=data_sharding)
-    return train_step, jax.jit(evaluate), batches, jax.jit(forward, static_argnums=2)
+    return train_step, jax.jit(evaluate), batches
+
+
+def reference_weights(cfg: Config, params: dict, batch) -> jax.Array:
+    """Attention weights [B, H, Lq, Lk] of the trained `params` on `batch`.
+
+    Only implementation="reference" returns them; the implementation is a static
+    attribute of the module and the parameters are the same for every one, so
+    the trained parameters merge into a reference copy of the model.
+    """
+    model_cls, _, _ = TASKS[cfg.task]
+    reference = dataclasses.replace(cfg, implementation="reference")
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_cls(reference, nnx.Rngs(0))))
+    _, weights = nnx.merge(graphdef, params)(batch, return_weights=True)
+    return weights
 
 
 def shardings_for(state: TrainState):
@@ -247,7 +311,32 @@ def shardings_for(state: TrainState):
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """The run directory, or the checkpoints in it, cannot be used."""
+
+
+@contextlib.contextmanager
+def files_of(run_dir: Path):
+    """OSErrors on the run directory (or a folder above it) become one CheckpointError that
+    names the file; other OSErrors pass through."""
+    try:
+        yield
+    except OSError as error:
+        path = Path(error.filename) if isinstance(error.filename, str) else run_dir
+        inside, here = path.absolute(), run_dir.absolute()
+        if not (inside.is_relative_to(here) or here.is_relative_to(inside)):
+            raise
+        raise CheckpointError(f"{path} must be writable (the run directory {run_dir} keeps the "
+                              f"run's files); got {error.strerror or error}") from error
+
+
+def _tell(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _reason(error: Exception) -> str:
+    """`error` on one short line."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200] + '...' if len(text) > 200 else text}"
 
 
 def checkpoint_manager(run_dir: Path, cfg: Config) -> ocp.CheckpointManager:
@@ -257,18 +346,39 @@ def checkpoint_manager(run_dir: Path, cfg: Config) -> ocp.CheckpointManager:
 
 
 def restore_latest(manager: ocp.CheckpointManager, like: TrainState, run_dir: Path) -> TrainState:
-    step = manager.latest_step()
-    if step is None:
-        raise CheckpointError(f"no checkpoint found in {run_dir / 'checkpoints'}; nothing to resume")
+    """The newest checkpoint that reads; newer unreadable ones are skipped, with a warning."""
+    where = run_dir / "checkpoints"
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(f"no checkpoint found in {where}; nothing to resume")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as error:  # orbax raises many kinds for damaged files
-        raise CheckpointError(
-            f"checkpoint at step {step} in {run_dir / 'checkpoints'} could not be read "
-            f"({type(error).__name__}: {error}); nothing was overwritten"
-        ) from error
-    return TrainState(*restored) if not isinstance(restored, TrainState) else restored
+    failures = []
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as error:  # orbax raises many kinds for damaged files
+            failures.append((step, _reason(error)))
+            continue
+        for skipped, reason in failures:
+            _tell(f"warning: the checkpoint at step {skipped} in {where} could not be read "
+                  f"({reason}); restoring step {step} instead")  # fmt: skip
+        return TrainState(*restored) if not isinstance(restored, TrainState) else restored
+    details = "; ".join(f"step {skipped} ({reason})" for skipped, reason in failures)
+    raise CheckpointError(f"the checkpoints in {where} could not be read: {details}; "
+                          "nothing was overwritten")  # fmt: skip
+
+
+def set_aside_newer(manager: ocp.CheckpointManager, step: int, run_dir: Path) -> None:
+    """Move the checkpoints after `step` (the unreadable ones `restore_latest` skipped) to
+    RUN_DIR/unreadable-checkpoints, so the resumed run can save those steps again."""
+    newer = [s for s in manager.all_steps() if s > step]
+    for skipped in newer:
+        target = run_dir / "unreadable-checkpoints" / f"{skipped}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(exist_ok=True)
+        shutil.move(Path(manager.directory) / str(skipped), target)
+        _tell(f"warning: moved the unreadable checkpoint at step {skipped} to {target}")
+    if newer:
+        manager.reload()
 
 
 def all_finite(tree) -> bool:
@@ -284,25 +394,72 @@ class NonFiniteLoss(RuntimeError):
 # Loop
 
 
+def saved_config(run_dir: Path) -> Config:
+    """The config a run directory was last run with: its config.yaml."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} is not a run directory: {path} is missing")
+    values = read_yaml(path)
+    if not values:
+        raise CheckpointError(f"{path} must hold the run's config; got an empty file")
+    return make_config(values)
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path | None, resume: Path | None) -> Path:
+    """The run directory. A resume must continue the same run (see RESUME_MAY_CHANGE);
+    a fresh start gets its config.yaml and no metrics.jsonl of an earlier attempt."""
     if resume is not None:
-        saved = resume / "config.yaml"
-        if not saved.exists():
-            raise CheckpointError(f"{resume} is not a run directory: {saved} is missing")
-        before = make_config(yaml.safe_load(saved.read_text()))
-        changed = [f for f in MODEL_FIELDS if getattr(before, f) != getattr(cfg, f)]
+        before = saved_config(resume)
+        changed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_MAY_CHANGE
+                   and getattr(before, f.name) != getattr(cfg, f.name)]  # fmt: skip
         if changed:
-            detail = ", ".join(f"{f}: {getattr(before, f)!r} -> {getattr(cfg, f)!r}"
-                               for f in changed)  # fmt: skip
-            raise ConfigError(f"cannot resume {resume}: the config changes the model shape ({detail})")
+            detail = lambda fields: ", ".join(
+                f"{f}: {getattr(before, f)!r} -> {getattr(cfg, f)!r}" for f in fields)  # fmt: skip
+            shape = [f for f in changed if f in MODEL_FIELDS]
+            rest = [f for f in changed if f not in MODEL_FIELDS]
+            what = ([f"the model shape ({detail(shape)})"] if shape else []) + (
+                [f"what the run computes ({detail(rest)})"] if rest else [])  # fmt: skip
+            raise ConfigError(
+                f"cannot resume {resume}: the config changes {' and '.join(what)}; a resumed run "
+                f"must keep every field saved in {resume / 'config.yaml'} except "
+                f"{', '.join(RESUME_MAY_CHANGE)} (start another --run-dir to change the others)"
+            )
         return resume
     if run_dir is None:
         run_dir = Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume {run_dir} to "
                               "continue it, or choose another --run-dir")  # fmt: skip
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with files_of(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir, cfg)  # the first write: an unwritable directory fails here
+        if (run_dir / "metrics.jsonl").exists():  # of an attempt that saved no checkpoint
+            _tell(f"note: {run_dir / 'metrics.jsonl'} of an earlier attempt without checkpoints "
+                  "is replaced")  # fmt: skip
+            (run_dir / "metrics.jsonl").unlink()
     return run_dir
+
+
+def _write_config(run_dir: Path, cfg: Config) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def resume_state(cfg: Config, manager: ocp.CheckpointManager, like: TrainState,
+                 run_dir: Path) -> tuple[TrainState, list[dict]]:  # fmt: skip
+    """The state and history to continue from. The run directory changes only once the
+    resume is sure: a refused one leaves it as it was."""
+    state = restore_latest(manager, like, run_dir)
+    step, saved_steps = int(state.step), saved_config(run_dir).steps
+    if cfg.steps < step:
+        raise ConfigError(f"steps must be at least the restored step {step} to resume {run_dir}; "
+                          f"got {cfg.steps}")  # fmt: skip
+    history = read_history(run_dir, upto=step)
+    if cfg.steps != saved_steps:
+        _tell(f"note: resuming with steps={cfg.steps} (was {saved_steps}): the learning-rate "
+              f"schedule spans steps, so from step {step} on it differs from the saved run's")
+    set_aside_newer(manager, step, run_dir)
+    _write_config(run_dir, cfg)
+    return state, history
 
 
 def main(cfg: Config, *, run_dir: Path | None = None, resume: Path | None = None,
@@ -313,18 +470,18 @@ def main(cfg: Config, *, run_dir: Path | None = None, resume: Path | None = None
     """
     check_config(cfg)
     run_dir = prepare_run_dir(cfg, run_dir, resume)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
     graphdef, optimizer, state = initial_state(cfg)
-    manager = checkpoint_manager(run_dir, cfg)
-    if resume is not None:
-        state = restore_latest(manager, state, run_dir)
+    history = []  # a fresh start: prepare_run_dir removed any earlier metrics.jsonl
+    with files_of(run_dir):
+        manager = checkpoint_manager(run_dir, cfg)
+        if resume is not None:
+            state, history = resume_state(cfg, manager, state, run_dir)
     state_sharding, data_sharding = shardings_for(state)
     state = jax.device_put(state, state_sharding)
-    train_step, evaluate, batches, forward = make_steps(cfg, graphdef, optimizer,
-                                                        (state_sharding, data_sharding))
+    train_step, evaluate, batches = make_steps(cfg, graphdef, optimizer,
+                                               (state_sharding, data_sharding))  # fmt: skip
     eval_set = jax.device_put(held_out_set(cfg), data_sharding)
-    history = _read_history(run_dir, upto=int(state.step))
 
     stop_signal = {}
     handlers = {s: signal.signal(s, lambda signum, _: stop_signal.setdefault("signal", signum))
@@ -363,7 +520,8 @@ def main(cfg: Config, *, run_dir: Path | None = None, resume: Path | None = None
     stopped_early = int(state.step) < cfg.steps
     if stopped_early and manager.latest_step() != int(state.step):
         _save(manager, int(state.step), state, run_dir)
-    manager.close()
+    with files_of(run_dir):
+        manager.close()
     if "signal" in stop_signal:
         name = signal.Signals(stop_signal["signal"]).name
         print(f"{name} received: checkpoint saved at step {int(state.step)} in {run_dir}; "
@@ -372,7 +530,8 @@ def main(cfg: Config, *, run_dir: Path | None = None, resume: Path | None = None
         return history
 
     seconds = time.perf_counter() - start_time
-    _pictures(cfg, run_dir, history, forward, state.params, eval_set)
+    with files_of(run_dir):
+        _pictures(cfg, run_dir, history, state.params, eval_set)
     if not stopped_early:
         print(_summary(cfg, history, int(state.step) - start_step, seconds, run_dir), flush=True)
     return history
@@ -382,17 +541,33 @@ def _log(history, run_dir, step, split, metrics) -> dict:
     record = {"step": step, **{f"{split}_{k}" if split == "eval" else k: float(v)
                                for k, v in metrics.items()}}  # fmt: skip
     history.append(record)
-    with open(run_dir / "metrics.jsonl", "a") as f:
+    with files_of(run_dir), open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
 
 
-def _read_history(run_dir: Path, upto: int) -> list[dict]:
-    """Records up to the restored step; later ones (from after the checkpoint) are dropped."""
+def read_history(run_dir: Path, upto: int) -> list[dict]:
+    """Records up to the restored step; later ones (from after the checkpoint) are dropped,
+    and so is a last line cut short by a kill mid-write."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    history = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= upto]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    history = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            if number == len(lines):
+                _tell(f"warning: dropped the last line of {path}, which is not a whole record "
+                      f"(a write cut short?): {line[:80]!r}")  # fmt: skip
+                break
+            raise CheckpointError(f"line {number} of {path} must be a JSON record with a step; "
+                                  f"got {line[:80]!r} (repair or delete it to resume)")  # fmt: skip
+        if record["step"] <= upto:
+            history.append(record)
     path.write_text("".join(json.dumps(r) + "\n" for r in history))
     return history
 
@@ -400,8 +575,9 @@ def _read_history(run_dir: Path, upto: int) -> list[dict]:
 def _save(manager, step: int, state: TrainState, run_dir: Path) -> None:
     if not all_finite(state.params):
         raise NonFiniteLoss(_nonfinite_message(step, manager, run_dir))
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
+    with files_of(run_dir):
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        manager.wait_until_finished()
 
 
 def _nonfinite_message(step, manager, run_dir) -> str:
@@ -411,15 +587,14 @@ def _nonfinite_message(step, manager, run_dir) -> str:
             f"{run_dir / 'checkpoints'} (try a lower learning_rate)")  # fmt: skip
 
 
-def _pictures(cfg, run_dir, history, forward, params, eval_set) -> None:
+def _pictures(cfg, run_dir, history, params, eval_set) -> None:
     keys = ["loss", "eval_loss"] + (["relative_error", "eval_relative_error"]
                                     if cfg.task == "teacher" else ["accuracy", "eval_accuracy"])
     curves(history, keys, run_dir / "curves.png", f"{cfg.task}: training and held-out metrics")
     _, _, labels_for = TASKS[cfg.task]
     count = cfg.num_heatmaps
     examples = jax.tree.map(lambda a: np.asarray(a[:count]), eval_set)
-    _, weights = forward(params, examples, True)  # [n, H, Lq, Lk]
-    weights = np.asarray(weights)
+    weights = np.asarray(reference_weights(cfg, params, examples))  # [n, H, Lq, Lk]
     for b in range(count):
         head = int(weights[b].max(-1).mean(-1).argmax())  # the most decided head
         rows, cols = labels_for(cfg, examples, b)
@@ -448,7 +623,7 @@ def compare_flax(cfg: Config, rounds: int = 7, steps_per_round: int = 20) -> dic
     for name, flax_reference in (("mha_jax", False), ("flax.nnx", True)):
         graphdef, optimizer, state = initial_state(cfg, flax_reference)
         shardings = shardings_for(state)
-        train_step, _, batches, _ = make_steps(cfg, graphdef, optimizer, shardings)
+        train_step, _, batches = make_steps(cfg, graphdef, optimizer, shardings)
         data = [batches(i) for i in range(steps_per_round)]
         state, _ = train_step(jax.device_put(state, shardings[0]), data[0])  # compile
         runners[name] = [train_step, state, data]
@@ -486,17 +661,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def cli(argv: list[str] | None = None) -> int | str:
+    """The command line: its exit status, or the one `error: ...` line to exit with."""
+    args = parse_args(argv)
     try:
+        if args.resume is not None and args.config is None:
+            saved_config(args.resume)  # says so when RUN_DIR is not a run directory
         config_path = args.config or (args.resume / "config.yaml" if args.resume
-                                      else Path("configs/recall.yaml"))
+                                      else Path("configs/recall.yaml"))  # fmt: skip
         cfg = load_config(config_path, args.set)
         if args.compare_flax:
             compare_flax(cfg)
-        else:
-            history = main(cfg, run_dir=args.run_dir, resume=args.resume, quiet=args.quiet)
-            interrupted = history and history[-1].get("interrupted")
-            sys.exit({"SIGINT": 130, "SIGTERM": 143}.get(interrupted, 0))
+            return 0
+        history = main(cfg, run_dir=args.run_dir, resume=args.resume, quiet=args.quiet)
+        interrupted = history and history[-1].get("interrupted")
+        return {"SIGINT": 130, "SIGTERM": 143}.get(interrupted, 0)
     except (ConfigError, CheckpointError, NonFiniteLoss) as error:
-        sys.exit(f"error: {error}")
+        return "error: " + " ".join(str(error).split())
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
