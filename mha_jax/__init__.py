@@ -16,10 +16,11 @@ Conventions: boolean masks, True = may attend; causal masks aligned top-left
 float32; a query row with no visible key returns zeros.
 """
 
-from mha_jax import masks
-from mha_jax.blockwise import blockwise_attention
-from mha_jax.core import attention, batched_attention, reference_core
-from mha_jax.implementations import NAMES as IMPLEMENTATIONS
+from mha_jax import decoding, kernels, masks
+from mha_jax.core import attention, batched_attention
+from mha_jax.kernels.blockwise import blockwise_attention
+from mha_jax.masks import Structure
+from mha_jax.options import IMPLEMENTATIONS, Options
 from mha_jax.params import MHAParams, init_params, param_shapes, resolve_sizes
 from mha_jax.stages import (
     apply_weights,
@@ -36,21 +37,24 @@ from mha_jax.stages import (
 __all__ = [
     "IMPLEMENTATIONS",
     "MHAParams",
+    "Options",
+    "Structure",
     "apply_weights",
     "attention",
     "attention_scores",
     "attention_weights",
     "batched_attention",
     "blockwise_attention",
+    "decoding",
     "dropout_weights",
     "init_params",
+    "kernels",
     "masks",
     "merge_heads",
     "merge_project",
     "param_shapes",
     "project",
     "project_heads",
-    "reference_core",
     "resolve_sizes",
     "split_heads",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,6 +48,8 @@ def check_one_of_shapes(name: str, x, options: Sequence[tuple[str, tuple[int, ..
 
 def as_array(name: str, x):
     """`jnp.asarray(x)`, or our message when `x` is not array-like at all (None, a str)."""
+    if isinstance(x, jax.Array):  # the common case, and a tracer: nothing to convert
+        return x
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError):

@@ -6,7 +6,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from mha_jax import _checks
-from mha_jax.core import batched_attention
+from mha_jax._validate import effective
+from mha_jax.core import batched
+from mha_jax.masks import Structure
+from mha_jax.options import Options
 
 
 def resolve_deterministic(call_value: bool | None, module_value: bool | None, rate: float) -> bool:
@@ -22,16 +25,14 @@ def resolve_deterministic(call_value: bool | None, module_value: bool | None, ra
     )
 
 
-def forward(module, params, x_q, x_kv, *, deterministic: bool | None, draw_rng,
-            return_weights: bool, mask=None, bias=None, kv_length=None, q_offset=0,
-            **structure):  # fmt: skip
+def forward(module, params, x_q, x_kv, *, options: Options, mask, bias, structure: Structure,
+            deterministic: bool | None, draw_rng, return_weights: bool):  # fmt: skip
     """The call both wrappers make: `[B, Lq, D]` or unbatched `[Lq, D]` -> (out, weights or None).
 
-    `module` supplies the settings (num_heads, scale, dropout_rate, deterministic,
-    dtype, implementation, sow_weights); `draw_rng()` is called only when dropout
-    is on, so the module's random stream advances only then.
+    `module` supplies num_heads, deterministic and sow_weights; `draw_rng()` is
+    called only when dropout is on, so the module's random stream advances only then.
     """
-    deterministic = resolve_deterministic(deterministic, module.deterministic, module.dropout_rate)
+    deterministic = resolve_deterministic(deterministic, module.deterministic, options.dropout_rate)
     want_weights = return_weights or module.sow_weights
     x_kv = x_q if x_kv is None else x_kv
     if jnp.ndim(x_q) not in (2, 3):
@@ -40,15 +41,13 @@ def forward(module, params, x_q, x_kv, *, deterministic: bool | None, draw_rng,
     unbatched = jnp.ndim(x_q) == 2
     if unbatched:  # one example: lend it a batch axis of 1
         add = lambda a: None if a is None else jnp.asarray(a)[None]
-        x_q, x_kv, mask, bias, kv_length = map(add, (x_q, x_kv, mask, bias, kv_length))
-    result = batched_attention(
-        params, x_q, x_kv, num_heads=module.num_heads, mask=mask, bias=bias,
-        kv_length=kv_length, q_offset=q_offset, scale=module.scale,
-        dropout_rate=module.dropout_rate, rng=None if deterministic else draw_rng(),
-        deterministic=deterministic, dtype=module.dtype, implementation=module.implementation,
-        return_weights=want_weights, **structure,
+        x_q, x_kv, mask, bias = map(add, (x_q, x_kv, mask, bias))
+        structure = structure._replace(kv_length=add(structure.kv_length))
+    out, weights = batched(
+        params, x_q, x_kv, num_heads=module.num_heads, mask=mask, bias=bias, structure=structure,
+        options=effective(options, deterministic), rng=None if deterministic else draw_rng(),
+        return_weights=want_weights,
     )  # fmt: skip
-    out, weights = result if want_weights else (result, None)
     if unbatched:
         out, weights = out[0], None if weights is None else weights[0]
     return out, weights

@@ -9,6 +9,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mha_jax import _module
+from mha_jax._validate import settle_structure
+from mha_jax.masks import Structure
+from mha_jax.options import Options
 from mha_jax.params import (
     build_params,
     default_bias_init,
@@ -49,16 +52,17 @@ class MultiHeadAttention(nn.Module):
         x_kv=None,
         *,
         mask=None,
+        bias=None,
         is_causal: bool = False,
         q_offset=0,
         kv_length=None,
         window=None,
-        bias=None,
+        structure: Structure | None = None,
         deterministic: bool | None = None,
         dropout_rng=None,
         return_weights: bool = False,
     ):
-        """`mask`, `bias`, `kv_length`, `q_offset`: as `mha_jax.batched_attention`."""
+        """`mask`, `bias`, `kv_length`, `q_offset`, `structure`: as `mha_jax.batched_attention`."""
         x_kv = x_q if x_kv is None else x_kv
         sizes = resolve_sizes(
             x_q.shape[-1], self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -70,12 +74,18 @@ class MultiHeadAttention(nn.Module):
             lambda name, shape: self.param(name, init, name, shape),
             param_shapes(**sizes, use_bias=self.use_bias),
         )
+        structure = settle_structure(structure, is_causal=is_causal, q_offset=q_offset,
+                                     kv_length=kv_length, window=window)  # fmt: skip
         out, weights = _module.forward(
-            self, params, x_q, x_kv, deterministic=deterministic,
+            self, params, x_q, x_kv, options=self.options, mask=mask, bias=bias,
+            structure=structure, deterministic=deterministic,
             draw_rng=lambda: self.make_rng("dropout") if dropout_rng is None else dropout_rng,
-            return_weights=return_weights, mask=mask, bias=bias, kv_length=kv_length,
-            q_offset=q_offset, is_causal=is_causal, window=window,
+            return_weights=return_weights,
         )  # fmt: skip
         if self.sow_weights:
             self.sow("intermediates", "attention_weights", weights)
         return (out, weights) if return_weights else out
+
+    @property
+    def options(self) -> Options:
+        return Options(self.scale, self.dropout_rate, self.dtype, self.implementation)

@@ -39,13 +39,22 @@ def normalize_window(window: object) -> Window | None:
 
 
 class Structure(NamedTuple):
-    """A mask given by rules rather than by an array.
+    """A mask given by rules rather than by an array: a public value to build and pass.
 
     is_causal: key j visible to query i only if j <= i + q_offset.
     q_offset:  position of query 0 (an int, or a traced int scalar).
-    kv_length: keys at j >= kv_length are padding (None: no padding).
+    kv_length: keys at j >= kv_length are padding (None: no padding; clamped to [0, Lk]).
     window:    (left, right): key j visible only if
                i + q_offset - left <= j <= i + q_offset + right.
+
+    Everything the library knows about a structure derives from it here: the
+    dense mask (`allows`), and, in O(1) per row or key, the range of keys a
+    run of query rows may see and the range of rows that may see a run of keys
+    (`keys_seen`, `rows_seeing`, and their "every one of them" forms). The
+    blockwise kernel skips and un-masks whole blocks with these; the core
+    zeroes hidden rows with `query_sees_any` and `key_seen_by_any`.
+    Ranges are half-open `[lo, hi)` with `hi == lo` when empty; the bounds may
+    be arrays (one range per element), ints or traced scalars.
     """
 
     is_causal: bool = False
@@ -58,7 +67,7 @@ class Structure(NamedTuple):
         return not self.is_causal and self.kv_length is None and self.window is None
 
     def allows(self, q_pos: Int[Array, " Lq"], k_pos: Int[Array, " Lk"]) -> Bool[Array, "Lq Lk"]:
-        """Evaluate the rules on the given positions (a block, or all of them)."""
+        """Evaluate the rules on the given rows and keys (a block, or all of them)."""
         q = (q_pos + self.q_offset)[:, None]
         k = k_pos[None, :]
         allowed = jnp.ones((q_pos.shape[0], k_pos.shape[0]), dtype=bool)
@@ -71,31 +80,71 @@ class Structure(NamedTuple):
             allowed &= (k >= q - left) & (k <= q + right)
         return allowed
 
-    def query_sees_any(self, length_q: int, length_k: int) -> Bool[Array, " Lq"]:
-        """`[Lq]`: may query row i see any key? O(Lq), no `[Lq, Lk]` array."""
-        q = jnp.arange(length_q) + self.q_offset  # query positions
-        lo, hi = jnp.zeros_like(q), jnp.full_like(q, length_k)  # visible keys [lo, hi)
+    def keys_seen(self, first, last, length_k: int):
+        """Keys `[lo, hi)` that *some* query row in `[first, last]` may see."""
+        pos_first, pos_last = first + self.q_offset, last + self.q_offset
+        lo, hi = jnp.zeros_like(pos_first), jnp.full_like(pos_last, length_k)
         if self.kv_length is not None:
             hi = jnp.minimum(hi, self.kv_length)
         if self.is_causal:
-            hi = jnp.minimum(hi, q + 1)
+            hi = jnp.minimum(hi, pos_last + 1)
         if self.window is not None:
             left, right = self.window
-            lo, hi = jnp.maximum(lo, q - left), jnp.minimum(hi, q + right + 1)
+            lo, hi = jnp.maximum(lo, pos_first - left), jnp.minimum(hi, pos_last + right + 1)
+        return lo, jnp.maximum(hi, lo)
+
+    def keys_seen_by_all(self, first, last, length_k: int):
+        """Keys `[lo, hi)` that *every* query row in `[first, last]` may see."""
+        pos_first, pos_last = first + self.q_offset, last + self.q_offset
+        lo, hi = jnp.zeros_like(pos_first), jnp.full_like(pos_last, length_k)
+        if self.kv_length is not None:
+            hi = jnp.minimum(hi, self.kv_length)
+        if self.is_causal:
+            hi = jnp.minimum(hi, pos_first + 1)
+        if self.window is not None:
+            left, right = self.window
+            lo, hi = jnp.maximum(lo, pos_last - left), jnp.minimum(hi, pos_first + right + 1)
+        return lo, jnp.maximum(hi, lo)
+
+    def rows_seeing(self, first, last, length_q: int):
+        """Query rows `[lo, hi)` that may see *some* key in `[first, last]`."""
+        if self.kv_length is not None:  # keys from kv_length on are hidden from every row
+            last = jnp.minimum(last, self.kv_length - 1)
+        lo = jnp.zeros_like(first)
+        hi = jnp.where(last >= first, jnp.full_like(first, length_q), lo)
+        if self.is_causal:  # some position >= first
+            lo = jnp.maximum(lo, first - self.q_offset)
+        if self.window is not None:  # position - left <= last and position + right >= first
+            left, right = self.window
+            lo = jnp.maximum(lo, first - right - self.q_offset)
+            hi = jnp.minimum(hi, last + left - self.q_offset + 1)
+        return lo, jnp.maximum(hi, lo)
+
+    def rows_seeing_all(self, first, last, length_q: int):
+        """Query rows `[lo, hi)` that may see *every* key in `[first, last]`."""
+        lo = jnp.zeros_like(first)
+        hi = jnp.full_like(last, length_q)
+        if self.kv_length is not None:
+            hi = jnp.where(last < self.kv_length, hi, 0)
+        if self.is_causal:  # position >= last
+            lo = jnp.maximum(lo, last - self.q_offset)
+        if self.window is not None:  # position - left <= first and position + right >= last
+            left, right = self.window
+            lo = jnp.maximum(lo, last - right - self.q_offset)
+            hi = jnp.minimum(hi, first + left - self.q_offset + 1)
+        return lo, jnp.maximum(hi, lo)
+
+    def query_sees_any(self, length_q: int, length_k: int) -> Bool[Array, " Lq"]:
+        """`[Lq]`: may query row i see any key? O(Lq), no `[Lq, Lk]` array."""
+        rows = jnp.arange(length_q)
+        lo, hi = self.keys_seen(rows, rows, length_k)
         return hi > lo
 
     def key_seen_by_any(self, length_q: int, length_k: int) -> Bool[Array, " Lk"]:
         """`[Lk]`: may some query see key j? O(Lk), no `[Lq, Lk]` array."""
-        k = jnp.arange(length_k)
-        first = jnp.zeros_like(k) + self.q_offset  # query positions that see k: [first, last]
-        last = first + length_q - 1
-        if self.is_causal:
-            first = jnp.maximum(first, k)
-        if self.window is not None:
-            left, right = self.window
-            first, last = jnp.maximum(first, k - right), jnp.minimum(last, k + left)
-        seen = first <= last
-        return seen if self.kv_length is None else seen & (k < self.kv_length)
+        keys = jnp.arange(length_k)
+        lo, hi = self.rows_seeing(keys, keys, length_q)
+        return hi > lo
 
 
 def causal_mask(length_q: int, length_k: int | None = None, *, q_offset: ArrayLike = 0) -> Array:

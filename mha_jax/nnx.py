@@ -6,6 +6,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mha_jax import _module
+from mha_jax._validate import settle_structure
+from mha_jax.masks import Structure
+from mha_jax.options import Options
 from mha_jax.params import (
     PARAM_NAMES,
     MHAParams,
@@ -59,10 +62,9 @@ class MultiHeadAttention(nnx.Module):
         )
         for name in PARAM_NAMES:
             setattr(self, name, getattr(params, name))
-        self.num_heads = num_heads
-        self.scale, self.dropout_rate, self.deterministic = scale, dropout_rate, deterministic
-        self.dtype, self.implementation, self.sow_weights = dtype, implementation, sow_weights
-        self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
+        self.num_heads, self.deterministic, self.sow_weights = num_heads, deterministic, sow_weights
+        self.options = Options(scale, dropout_rate, dtype, implementation)  # checked here, once
+        self.rngs = rngs.dropout.fork() if self.options.dropout_rate > 0 else None
 
     @property
     def params(self) -> MHAParams:
@@ -81,21 +83,23 @@ class MultiHeadAttention(nnx.Module):
         x_kv=None,
         *,
         mask=None,
+        bias=None,
         is_causal: bool = False,
         q_offset=0,
         kv_length=None,
         window=None,
-        bias=None,
+        structure: Structure | None = None,
         deterministic: bool | None = None,
         rngs: nnx.Rngs | nnx.RngStream | None = None,
         return_weights: bool = False,
     ):
-        """`mask`, `bias`, `kv_length`, `q_offset`: as `mha_jax.batched_attention`."""
+        """`mask`, `bias`, `kv_length`, `q_offset`, `structure`: as `mha_jax.batched_attention`."""
+        structure = settle_structure(structure, is_causal=is_causal, q_offset=q_offset,
+                                     kv_length=kv_length, window=window)  # fmt: skip
         out, weights = _module.forward(
-            self, self.params, x_q, x_kv, deterministic=deterministic,
+            self, self.params, x_q, x_kv, options=self.options, mask=mask, bias=bias,
+            structure=structure, deterministic=deterministic,
             draw_rng=lambda: self._dropout_stream(rngs)(), return_weights=return_weights,
-            mask=mask, bias=bias, kv_length=kv_length, q_offset=q_offset, is_causal=is_causal,
-            window=window,
         )  # fmt: skip
         if self.sow_weights:
             self.sow(nnx.Intermediate, "attention_weights", weights)

@@ -1,5 +1,7 @@
 """The composed function against independent references, and its properties."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,9 @@ from jax.test_util import check_grads
 import mha_jax as mj
 from mha_jax import masks
 from tests.reference import attention_np, normal
+from tests.test_implementations import core as kernel
+
+reference = functools.partial(kernel, "reference")
 
 B, Lq, Lk, D, Dkv, H, Dh = 2, 5, 7, 12, 10, 6, 4
 
@@ -60,13 +65,11 @@ def test_matches_jax_nn_dot_product_attention():
     v = mj.split_heads(mj.project(x_kv, params.w_v, params.b_v), H)
     mask = jnp.asarray(CASES["mask_per_head"]["mask"]).at[:, :, 0].set(True)
     bias = normal(5, (H, Lq, Lk))
-    ours, _ = mj.reference_core(q, k, v, mask=mask, bias=bias, structure=masks.Structure(),
-                                scale=None, dropout_rate=0.0, rng=None)
+    ours = reference(q, k, v, mask=mask, bias=bias)
     theirs = jax.nn.dot_product_attention(q, k, v, bias=bias[None], mask=mask[None])
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     causal = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    ours, _ = mj.reference_core(q, k, v, mask=None, bias=None, structure=masks.Structure(True),
-                                scale=None, dropout_rate=0.0, rng=None)
+    ours = reference(q, k, v, structure=masks.Structure(True))
     np.testing.assert_allclose(ours, causal, rtol=1e-5, atol=1e-6)  # same top-left alignment
 
 
@@ -279,4 +282,4 @@ def test_masks_helpers():
 def _batched_cache_size():
     from mha_jax import core
 
-    return core._batched_attention._cache_size()
+    return core._batched._cache_size()

@@ -3,6 +3,7 @@ shapes, masks and options (hypothesis), plus the memory-scaling promise."""
 
 import functools
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,21 +17,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mha_jax as mj
-from mha_jax import implementations
+from mha_jax import kernels
+from mha_jax.kernels import Request
 from mha_jax.masks import Structure
 
 
 def core(name, q, k, v, *, mask=None, bias=None, structure=None, scale=None,
          block_sizes=None):
+    """The kernel `name` on q, k, v: `kernels.attend`, the one call the library makes."""
     structure = Structure() if structure is None else structure
-    if name == "reference":
-        return mj.reference_core(q, k, v, mask=mask, bias=bias, structure=structure, scale=scale,
-                                 dropout_rate=0.0, rng=None)[0]
     if name == "blockwise" and block_sizes is not None:
         return mj.blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure,
                                       scale=scale, block_sizes=block_sizes)
-    return implementations.run(name, q, k, v, mask=mask, bias=bias, structure=structure,
-                               scale=scale)
+    return kernels.attend(q, k, v, mask=mask, bias=bias, structure=structure,
+                          options=mj.Options(scale=scale, implementation=name), rng=None,
+                          return_weights=False)[0]
 
 
 @st.composite
@@ -259,14 +260,85 @@ def test_blockwise_memory_grows_linearly_while_reference_grows_quadratically():
     assert blockwise_growth < 5, blockwise_growth
 
 
+def request(length=16, backend="cpu", dtype=jnp.float32, head_dim=8, **facts):
+    """A Request for an [L, L] call; `facts` override the rest."""
+    facts = dict(structure=Structure(), has_mask=False, has_bias=False, dropout_rate=0.0,
+                 return_weights=False) | facts  # fmt: skip
+    return Request(backend, jnp.dtype(dtype), length, length, head_dim, **facts)
+
+
 def test_auto_picks_reference_when_short_and_blockwise_when_long_on_cpu():
-    sizes = lambda length: dict(num_heads=4, num_kv_heads=4, head_dim=8, length_q=length,
-                                length_k=length)
-    pick = lambda length, **kw: implementations.resolve(
-        "auto", jnp.ones((length, 32)), sizes(length), Structure(), mask=None, bias=None,
-        dropout_rate=kw.get("dropout_rate", 0.0),
-        return_weights=kw.get("return_weights", False), dtype=None)
+    pick = lambda *a, **kw: kernels.choose("auto", request(*a, **kw)).name
     assert pick(16) == "reference"
     assert pick(4096) == "blockwise"
     assert pick(4096, return_weights=True) == "reference"  # the only one that can
     assert pick(4096, dropout_rate=0.1) == "reference"
+
+
+def test_auto_picks_the_accelerator_kernels_only_when_they_can_honour_the_call():
+    """Checked on CPU by passing the backend: cuDNN on GPU with bf16, Pallas on TPU."""
+    pick = lambda *a, **kw: kernels.choose("auto", request(*a, **kw)).name
+    assert pick(1024, "gpu", jnp.bfloat16, 64) == "cudnn"
+    assert pick(1024, "gpu", jnp.float32, 64) == "blockwise"  # cuDNN needs bf16/f16
+    assert pick(1024, "gpu", jnp.bfloat16, 12) == "blockwise"  # head dim not a multiple of 8
+    assert pick(1024, "gpu", jnp.bfloat16, 64, has_mask=True) == "blockwise"
+    assert pick(1024, "tpu", jnp.float32, 64, structure=Structure(is_causal=True)) == "pallas"
+    assert pick(1000, "tpu", jnp.float32, 64) == "blockwise"  # TPU blocks of 128 must fit
+    assert pick(16, "tpu", jnp.float32, 64) == "reference"
+
+
+CUDNN_CASES = {
+    # (request facts, what it must refuse, or None when it can run)
+    "plain_bf16": (dict(dtype=jnp.bfloat16), None),
+    "float32": (dict(), r"compute in float32 \(it needs bfloat16 or float16\)"),
+    "head_dim_160_before_hopper": (dict(dtype=jnp.bfloat16, head_dim=160), r"head_dim=160"),
+    "head_dim_160_on_hopper": (dict(dtype=jnp.bfloat16, head_dim=160, gpu_capability=(9, 0)), None),
+    "head_dim_12": (dict(dtype=jnp.bfloat16, head_dim=12), r"head_dim=12 \(a multiple of 8"),
+    "mask": (dict(dtype=jnp.bfloat16, has_mask=True), r"dense boolean mask"),
+    "odd_length_bias": (dict(dtype=jnp.bfloat16, length=1023, has_bias=True), r"odd Lq or Lk"),
+    # jax.nn's cuDNN path raises for a right window unless the mask is plain causal
+    "window_right_not_causal": (dict(dtype=jnp.bfloat16, structure=Structure(window=(8, 2))),
+                                r"window with a right side without is_causal"),
+    "window_left_only": (dict(dtype=jnp.bfloat16, structure=Structure(window=(8, 0))), None),
+    "window_right_causal_padded": (dict(dtype=jnp.bfloat16, structure=Structure(
+        is_causal=True, window=(8, 2), kv_length=jnp.array(900))), None),  # we pass (8, 0)
+    "q_offset": (dict(dtype=jnp.bfloat16, structure=Structure(is_causal=True, q_offset=3)),
+                 r"shift the causal mask by q_offset"),
+    "traced_q_offset": (dict(dtype=jnp.bfloat16, structure=Structure(is_causal=True,
+                                                                     q_offset=jnp.array(0))),
+                        r"shift the causal mask by q_offset"),
+    "dropout": (dict(dtype=jnp.bfloat16, dropout_rate=0.1), r"apply dropout"),
+}
+
+
+@pytest.mark.parametrize("case", list(CUDNN_CASES))
+def test_cudnn_limitations_match_jax_nn(case):
+    facts, refusal = CUDNN_CASES[case]
+    reasons = kernels.KERNELS["cudnn"].cannot(request(**({"length": 1024, "backend": "gpu",
+                                                           "head_dim": 64} | facts)))  # fmt: skip
+    if refusal is None:
+        assert reasons == []
+    else:
+        assert any(re.search(refusal, r) for r in reasons), reasons
+
+
+PALLAS_CASES = {
+    "gpu_causal": (dict(backend="gpu", structure=Structure(is_causal=True)), None),
+    "gpu_short": (dict(backend="gpu", length=100), None),  # one block of min(128, L)
+    "gpu_not_multiple": (dict(backend="gpu", length=200), r"length_q=200 \(at most 128 or a multiple"),
+    "tpu_short": (dict(backend="tpu", length=100), r"length_q=100 \(a multiple of 128"),
+    "tpu_multiple": (dict(backend="tpu", length=256), None),
+    "window": (dict(backend="gpu", structure=Structure(window=(4, 4))), r"take kv_length or window"),
+    "bias": (dict(backend="tpu", has_bias=True), r"take a mask or bias array"),
+    "float64": (dict(backend="gpu", dtype=jnp.float64), r"compute in float64"),
+}
+
+
+@pytest.mark.parametrize("case", list(PALLAS_CASES))
+def test_pallas_limitations_match_its_kernels(case):
+    facts, refusal = PALLAS_CASES[case]
+    reasons = kernels.KERNELS["pallas"].cannot(request(**({"length": 256} | facts)))
+    if refusal is None:
+        assert reasons == []
+    else:
+        assert any(re.search(refusal, r) for r in reasons), reasons

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from mha_jax import _checks
+from mha_jax.kernels.request import Request, fused_limits
 from mha_jax.masks import Structure
 from mha_jax.stages import fold_scale
 
@@ -51,6 +52,15 @@ def default_block_sizes(length_q: int, length_k: int) -> tuple[int, int]:
     return block_q, block_k
 
 
+def cannot(request: Request) -> list[str]:
+    return fused_limits(request)
+
+
+def run(q, k, v, *, mask, bias, structure, options, rng):
+    return blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure,
+                               scale=options.scale), None  # fmt: skip
+
+
 def blockwise_attention(
     q: Array,  # [Lq, H, Dh]
     k: Array,  # [Lk, Hkv, Dh]
@@ -62,7 +72,7 @@ def blockwise_attention(
     scale: float | None = None,
     block_sizes: tuple[int, int] | None = None,
 ) -> Array:  # [Lq, H, Dh]
-    """Same result as `reference_core`, without materialising the scores."""
+    """Same result as the reference kernel, without materialising the scores."""
     structure = Structure() if structure is None else structure
     length_q, num_heads, head_dim = q.shape
     length_k = k.shape[0]
@@ -142,75 +152,49 @@ def _slice_block(x: Array | None, i, j, config: Config):
     return jax.lax.dynamic_slice(x, start, (x.shape[0], config.block_q, config.block_k))
 
 
-def _visible_kv_blocks(i, q_offset, kv_length, config: Config):
-    """Range `[lo, hi)` of key blocks that query block `i` may see at all."""
-    num_k_blocks = _round_up(config.length_k, config.block_k) // config.block_k
-    first_q = i * config.block_q + q_offset
-    last_q = first_q + config.block_q - 1
-    hi = jnp.minimum(num_k_blocks, (kv_length + config.block_k - 1) // config.block_k)
-    lo = jnp.zeros_like(hi)
-    if config.is_causal:
-        hi = jnp.minimum(hi, jnp.maximum(last_q, -1) // config.block_k + 1)
-    if config.window is not None:
-        left, right = config.window
-        hi = jnp.minimum(hi, jnp.maximum(last_q + right, -1) // config.block_k + 1)
-        lo = jnp.maximum(lo, jnp.maximum(first_q - left, 0) // config.block_k)
-    return lo, jnp.maximum(hi, lo)
-
-
-def _visible_q_blocks(j, q_offset, kv_length, config: Config):
-    """Range `[lo, hi)` of query blocks that may see key block `j` at all."""
-    num_q_blocks = _round_up(config.length_q, config.block_q) // config.block_q
-    first_k = j * config.block_k
-    last_k = first_k + config.block_k - 1
-    lo = jnp.zeros((), jnp.int32)
-    hi = jnp.where(first_k < kv_length, num_q_blocks, 0)
-    if config.is_causal:  # need some query position >= first_k
-        lo = jnp.maximum(lo, jnp.maximum(first_k - q_offset, 0) // config.block_q)
-    if config.window is not None:
-        left, right = config.window
-        lo = jnp.maximum(lo, jnp.maximum(first_k - right - q_offset, 0) // config.block_q)
-        hi = jnp.minimum(hi, jnp.maximum(last_k + left - q_offset, -1) // config.block_q + 1)
-    return jnp.minimum(lo, hi), jnp.maximum(hi, 0)
+def _structure(q_offset, kv_length, config: Config) -> Structure:
+    """The call's rules with its traced positions (kv_length clamped to [0, Lk])."""
+    return Structure(config.is_causal, q_offset, kv_length, config.window)
 
 
 def _ceil_div(a, b):
     return -((-a) // b)
 
 
-def _unmasked_kv_blocks(i, lo, hi, q_offset, kv_length, has_mask, config: Config):
-    """Sub-range `[flo, fhi)` of `[lo, hi)` whose blocks every query of block `i` sees
-    whole: they need no mask at all (most blocks, away from diagonals and edges)."""
-    if has_mask:
-        return lo, lo
-    first_q = i * config.block_q + q_offset
-    last_q = first_q + config.block_q - 1
-    flo, fhi = lo, jnp.minimum(hi, kv_length // config.block_k)
-    if config.is_causal:  # last key of the block <= first query position
-        fhi = jnp.minimum(fhi, (first_q + 1) // config.block_k)
-    if config.window is not None:
-        left, right = config.window
-        flo = jnp.maximum(flo, _ceil_div(last_q - left, config.block_k))
-        fhi = jnp.minimum(fhi, (first_q + right + 1) // config.block_k)
-    flo = jnp.clip(flo, lo, hi)
-    return flo, jnp.clip(fhi, flo, hi)
+def _touching(lo, hi, block: int):
+    """Blocks `[first, end)` that hold any of the items `[lo, hi)`."""
+    return lo // block, jnp.where(hi > lo, _ceil_div(hi, block), lo // block)
 
 
-def _unmasked_q_blocks(j, lo, hi, q_offset, kv_length, has_mask, config: Config):
-    """Sub-range of query blocks `[lo, hi)` that see key block `j` whole."""
+def _inside(lo, hi, block: int, within):
+    """Blocks that hold only items of `[lo, hi)`, as a sub-range of `within`."""
+    first, end = within
+    inner_lo = jnp.clip(_ceil_div(lo, block), first, end)
+    return inner_lo, jnp.clip(hi // block, inner_lo, end)
+
+
+def _kv_blocks_of(i, structure: Structure, has_mask: bool, config: Config):
+    """For query block `i`: the key blocks it may see at all, `[lo, hi)`, and among them
+    those that every one of its rows sees whole, `[flo, fhi)` (they need no mask)."""
+    first, last = i * config.block_q, i * config.block_q + config.block_q - 1
+    lo, hi = _touching(*structure.keys_seen(first, last, config.length_k), config.block_k)
     if has_mask:
-        return lo, lo
-    first_k = j * config.block_k
-    last_k = first_k + config.block_k - 1
-    qlo, qhi = lo, jnp.where(last_k < kv_length, hi, lo)
-    if config.is_causal:  # first query position >= last key
-        qlo = jnp.maximum(qlo, _ceil_div(last_k - q_offset, config.block_q))
-    if config.window is not None:
-        left, right = config.window
-        qlo = jnp.maximum(qlo, _ceil_div(last_k - q_offset - right, config.block_q))
-        qhi = jnp.minimum(qhi, (first_k + left - q_offset + 1) // config.block_q)
-    qlo = jnp.clip(qlo, lo, hi)
-    return qlo, jnp.clip(qhi, qlo, hi)
+        return lo, lo, lo, hi
+    flo, fhi = _inside(*structure.keys_seen_by_all(first, last, config.length_k), config.block_k,
+                       (lo, hi))  # fmt: skip
+    return lo, flo, fhi, hi
+
+
+def _q_blocks_of(j, structure: Structure, has_mask: bool, config: Config):
+    """For key block `j`: the query blocks that may see it, `[lo, hi)`, and among them
+    those whose every row sees all of it, `[flo, fhi)`."""
+    first, last = j * config.block_k, j * config.block_k + config.block_k - 1
+    lo, hi = _touching(*structure.rows_seeing(first, last, config.length_q), config.block_q)
+    if has_mask:
+        return lo, lo, lo, hi
+    flo, fhi = _inside(*structure.rows_seeing_all(first, last, config.length_q), config.block_q,
+                       (lo, hi))  # fmt: skip
+    return lo, flo, fhi, hi
 
 
 def _three_segments(step, lo, flo, fhi, hi, carry):
@@ -220,9 +204,8 @@ def _three_segments(step, lo, flo, fhi, hi, carry):
     return jax.lax.fori_loop(fhi, hi, functools.partial(step, masked=True), carry)
 
 
-def _block_mask(i, j, mask, q_offset, kv_length, config: Config):
-    """Visibility inside block (i, j): `[H or 1, Bq, Bk]` bool, or None if all visible."""
-    structure = Structure(config.is_causal, q_offset, kv_length, config.window)
+def _block_mask(i, j, mask, structure: Structure, config: Config):
+    """Visibility inside block (i, j): `[H or 1, Bq, Bk]` bool."""
     q_pos = i * config.block_q + jnp.arange(config.block_q, dtype=jnp.int32)
     k_pos = j * config.block_k + jnp.arange(config.block_k, dtype=jnp.int32)
     allowed = structure.allows(q_pos, k_pos)[None]
@@ -255,6 +238,7 @@ def _grouped(x: Array, num_kv_heads: int) -> Array:
 
 
 def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
+    structure = _structure(q_offset, kv_length, config)
     num_kv_heads = k.shape[1]
     q, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
@@ -270,7 +254,7 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
             m, row_sum, acc = carry  # [H, Bq], [H, Bq], [Hkv, G, Bq, Dh]
             s = _scores(q_blk, k_blocks[j], _slice_block(bias, i, j, config), post_scale)
             if masked:  # hidden entries become -inf: exp gives exactly 0
-                s = jnp.where(_block_mask(i, j, mask, q_offset, kv_length, config), s, -jnp.inf)
+                s = jnp.where(_block_mask(i, j, mask, structure, config), s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # Until a row meets a finite score (every visible score so far masked
             # or -inf bias) its max is -inf: shift by 0 so that exp never sees
@@ -283,8 +267,7 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
             acc = acc * _grouped(alpha, hkv)[..., None] + pv
             return m_new, row_sum * alpha + p.sum(axis=-1), acc
 
-        lo, hi = _visible_kv_blocks(i, q_offset, kv_length, config)
-        flo, fhi = _unmasked_kv_blocks(i, lo, hi, q_offset, kv_length, mask is not None, config)
+        lo, flo, fhi, hi = _kv_blocks_of(i, structure, mask is not None, config)
         # Carries are built *_like an input so that they vary over the same mesh
         # axes inside `shard_map` (a fresh jnp.zeros would not, and the loop fails).
         acc = jnp.zeros_like(q_blk, _accumulator(q_blk.dtype))  # [Hkv, G, Bq, Dh]
@@ -307,6 +290,7 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
 
 def _backward(config: Config, residuals, d_out):
     q, k, v, mask, bias, q_offset, kv_length, out, lse_blocks = residuals
+    structure = _structure(q_offset, kv_length, config)
     num_kv_heads = k.shape[1]
     q_scaled, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q_scaled, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
@@ -332,7 +316,7 @@ def _backward(config: Config, residuals, d_out):
             s = _scores(q_blk, k_blk, _slice_block(bias_b, i, j, config), post_scale)
             p = jnp.exp(s - lse_blocks[i][..., None])  # [H, Bq, Bk]
             if masked:
-                p = jnp.where(_block_mask(i, j, mask_b, q_offset, kv_length, config), p, 0.0)
+                p = jnp.where(_block_mask(i, j, mask_b, structure, config), p, 0.0)
             p_g = _grouped(p, hkv)
             dv = dv + jnp.einsum("hgqk,hgqd->hkd", p_g.astype(v.dtype), do_blk,
                                  preferred_element_type=acc)  # fmt: skip
@@ -352,8 +336,7 @@ def _backward(config: Config, residuals, d_out):
                 dbias_all = jax.lax.dynamic_update_slice(dbias_all, old + ds_h, start)
             return dk, dv, dq_all, dbias_all
 
-        lo, hi = _visible_q_blocks(j, q_offset, kv_length, config)
-        flo, fhi = _unmasked_q_blocks(j, lo, hi, q_offset, kv_length, mask_b is not None, config)
+        lo, flo, fhi, hi = _q_blocks_of(j, structure, mask_b is not None, config)
         zeros = jnp.zeros_like(k_blk, acc)  # *_like: see the forward's carries
         dk, dv, dq_all, dbias_all = _three_segments(step, lo, flo, fhi, hi,
                                                     (zeros, zeros, dq_all, dbias_all))

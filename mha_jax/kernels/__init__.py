@@ -1,0 +1,100 @@
+"""The kernels: which code computes `softmax(q kᵀ · scale + bias, where=visible) · v`.
+
+    name         what                                               memory
+    "reference"  the chapter's stages (the spec); every option      O(L²)
+    "blockwise"  online softmax over blocks, custom VJP             O(L), fwd and bwd
+    "xla"        jax.nn.dot_product_attention(implementation="xla") O(L²)
+    "cudnn"      the same with cuDNN (GPU, bf16/f16)                O(L)
+    "pallas"     JAX's Pallas flash kernels (GPU Triton, TPU)       O(L)
+    "auto"       cuDNN on GPU and Pallas on TPU when they can honour the call; on
+                 CPU the reference below BLOCKWISE_MIN_PAIRS (query, key) pairs,
+                 blockwise above; the reference whenever dropout or weights are asked
+
+Each kernel is one entry: what it `cannot` do for a `Request` and how it
+`run`s. `attend` makes the one call. An explicit choice that cannot honour an
+option is an error naming what it cannot do, never a silent fallback that
+would change the numbers; every kernel returns zeros for a row with no
+visible key, like the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import Array
+
+from mha_jax.kernels import blockwise, jax_nn, pallas, reference
+from mha_jax.kernels.request import Request
+from mha_jax.masks import Structure
+from mha_jax.options import IMPLEMENTATIONS, Options
+
+
+class Kernel(NamedTuple):
+    name: str
+    cannot: Callable[[Request], list[str]]  # [] when it computes the call as the reference would
+    run: Callable  # (q, k, v, *, mask, bias, structure, options, rng) -> (heads, weights or None)
+
+
+KERNELS = {
+    kernel.name: kernel
+    for kernel in (
+        Kernel("reference", reference.cannot, reference.run),
+        Kernel("blockwise", blockwise.cannot, blockwise.run),
+        Kernel("xla", jax_nn.xla_cannot, jax_nn.xla_run),
+        Kernel("cudnn", jax_nn.cudnn_cannot, jax_nn.cudnn_run),
+        Kernel("pallas", pallas.cannot, pallas.run),
+    )
+}
+assert tuple(KERNELS) == IMPLEMENTATIONS[1:], "options.IMPLEMENTATIONS names the kernels"
+
+# Below this many (query, key) pairs per example the materialising path is
+# fastest on CPU (one fused pass beats a loop of blocks); from L=512 up the
+# blockwise path wins forward and backward (docs/bench_time.md).
+BLOCKWISE_MIN_PAIRS = 512 * 512
+
+
+def choose(implementation: str, request: Request) -> Kernel:
+    """The kernel for `implementation` ("auto": the fastest that can honour the request)."""
+    if implementation != "auto":
+        reasons = KERNELS[implementation].cannot(request)
+        if reasons:
+            raise ValueError(
+                f'implementation="{implementation}" cannot ' + "; cannot ".join(reasons)
+                + '. implementation="reference" supports every option.'
+            )  # fmt: skip
+        return KERNELS[implementation]
+    preferred = {"gpu": "cudnn", "tpu": "pallas"}.get(request.backend)
+    if preferred and not KERNELS[preferred].cannot(request):
+        return KERNELS[preferred]
+    long = request.length_q * request.length_k >= BLOCKWISE_MIN_PAIRS
+    if long and not KERNELS["blockwise"].cannot(request):
+        return KERNELS["blockwise"]
+    return KERNELS["reference"]
+
+
+def attend(
+    q: Array, k: Array, v: Array, *, mask: Array | None, bias: Array | None,
+    structure: Structure, options: Options, rng: Array | None, return_weights: bool,
+) -> tuple[Array, Array | None]:  # fmt: skip
+    """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk] or None)`.
+
+    Unchecked: the public functions validate the call first. `kv_length` is
+    clamped to `[0, Lk]` here, once, for every kernel.
+    """
+    length_q, length_k = q.shape[0], k.shape[0]
+    if structure.kv_length is not None:
+        structure = structure._replace(kv_length=jnp.clip(structure.kv_length, 0, length_k))
+    request = Request.of(q, k, mask=mask, bias=bias, structure=structure, options=options,
+                         return_weights=return_weights)  # fmt: skip
+    kernel = choose(options.implementation, request)
+    if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
+        weights = jnp.zeros((q.shape[1], length_q, length_k), v.dtype) if return_weights else None
+        return jnp.zeros_like(q), weights
+    heads, weights = kernel.run(q, k, v, mask=mask, bias=bias, structure=structure,
+                                options=options, rng=rng)  # fmt: skip
+    return heads, weights if return_weights else None
+
+
+__all__ = ["BLOCKWISE_MIN_PAIRS", "KERNELS", "Kernel", "Request", "attend", "choose"]

@@ -1,0 +1,64 @@
+"""What one call asks of a kernel: the static facts a kernel's limitations read.
+
+A kernel says what it `cannot` do for a `Request` (an empty list: it computes
+this call exactly as the reference would). Choosing a kernel reads nothing
+else, so the choice can be tested on a CPU with `backend="gpu"` or `"tpu"`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mha_jax.masks import Structure
+
+
+class Request(NamedTuple):
+    backend: str  # "cpu", "gpu" or "tpu"
+    dtype: Any  # compute dtype of q, k, v
+    length_q: int
+    length_k: int
+    head_dim: int
+    structure: Structure  # q_offset and kv_length may be traced; is_causal and window are not
+    has_mask: bool
+    has_bias: bool
+    dropout_rate: float  # the effective rate (Options carries 0 for a deterministic call)
+    return_weights: bool
+    gpu_capability: tuple[int, int] = (0, 0)  # compute capability of a GPU backend
+
+    @classmethod
+    def of(cls, q, k, *, mask, bias, structure, options, return_weights) -> Request:
+        """The request of `attend(q [Lq, H, Dh], k [Lk, Hkv, Dh], ...)` on the default backend."""
+        backend = jax.default_backend()
+        capability = (0, 0)
+        if backend == "gpu":
+            text = getattr(jax.devices()[0], "compute_capability", "0.0")
+            capability = tuple(int(part) for part in str(text).split(".")[:2])
+        return cls(backend, jnp.dtype(q.dtype), q.shape[0], k.shape[0], q.shape[2], structure,
+                   mask is not None, bias is not None, options.dropout_rate, return_weights,
+                   capability)  # fmt: skip
+
+    @property
+    def static_zero_offset(self) -> bool:
+        """Queries start at position 0, known at trace time (kernels that align top-left only)."""
+        q_offset = self.structure.q_offset
+        return isinstance(q_offset, int) and q_offset == 0
+
+
+def fused_limits(request: Request) -> list[str]:
+    """What every kernel but the reference cannot do: they never hold the weights."""
+    reasons = []
+    if request.dropout_rate > 0.0:
+        reasons.append("apply dropout (it has no dropout)")
+    if request.return_weights:
+        reasons.append("return the attention weights (it never materialises them)")
+    return reasons
+
+
+def float32_softmax_limits(request: Request) -> list[str]:
+    """Kernels whose softmax runs in float32 whatever the input."""
+    if request.dtype == jnp.float64:
+        return ["compute in float64 (its softmax runs in float32)"]
+    return []

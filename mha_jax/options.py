@@ -1,0 +1,70 @@
+"""The settings that shape one attention call's computation, as one value.
+
+`Options` is frozen and hashable: it is what keys the compile cache of
+`batched_attention`, and what travels from the public call to the kernel.
+Validating it is constructing it, so every setting is checked once, where it
+is written, with a message that names it:
+
+    options = Options(scale=0.125, implementation="blockwise")
+    out = mha_jax.batched_attention(params, x, num_heads=12, options=options)
+
+Adding a setting (a soft-cap, a RoPE configuration) means: a field and its
+check here, the one place that uses it, and its test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from mha_jax import _checks
+
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "xla", "cudnn", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """scale:          multiplies q·kᵀ; None means 1/sqrt(Dh). Any finite real (0 and
+                       negative included).
+    dropout_rate:   dropout on the attention weights, in [0, 1); applied only in a
+                    call with deterministic=False (the call passes a dropout rng).
+    dtype:          compute dtype (None: the queries' dtype); scores and softmax
+                    stay float32 (float64 for float64).
+    implementation: "auto", "reference", "blockwise", "xla", "cudnn" or "pallas"
+                    (see `mha_jax.kernels`).
+    """
+
+    scale: float | None = None
+    dropout_rate: float = 0.0
+    dtype: Any = None
+    implementation: str = "auto"
+
+    def __post_init__(self):
+        scale, rate = self.scale, self.dropout_rate
+        is_real = lambda v: isinstance(v, int | float | np.integer | np.floating) and not isinstance(
+            v, bool | np.bool_)  # fmt: skip
+        if scale is not None and not (is_real(scale) and math.isfinite(scale)):
+            raise TypeError(f"scale must be a finite real number or None; got {scale!r}")
+        if not (is_real(rate) and 0.0 <= rate < 1.0):
+            raise _checks.fail("dropout_rate", "lie in [0, 1)", rate)
+        _checks.check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+        # Canonical, hashable forms: equal settings give equal (cache-hitting) values.
+        object.__setattr__(self, "scale", None if scale is None else float(scale))
+        object.__setattr__(self, "dropout_rate", float(rate))
+        object.__setattr__(self, "dtype", _floating_dtype(self.dtype))
+
+
+def _floating_dtype(dtype) -> jnp.dtype | None:
+    if dtype is None:
+        return None
+    try:
+        canonical = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a floating dtype or None; got {dtype!r}") from None
+    if not jnp.issubdtype(canonical, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype or None; got {canonical}")
+    return canonical
