@@ -3,6 +3,7 @@
     python scripts/bench.py                 # time table (about 10 min on 2 CPU cores)
     python scripts/bench.py --quick         # two small shapes, a few rounds
     python scripts/bench.py --memory        # peak RSS vs L, one fresh process per point
+    python scripts/bench.py --train-step    # train steps/s of train_toy.py's model, vs flax.nnx
 
 Time mode: every candidate is compiled and warmed up, then timed in rounds,
 interleaved round-robin (each round runs every candidate once, in a shuffled
@@ -15,7 +16,13 @@ Memory mode: each (candidate, L) runs forward+backward at B=1 in a fresh
 subprocess with its data segment capped, and reports peak RSS; a candidate is
 dropped after it fails or passes the cap.
 
-Writes JSON, Markdown and a PNG (time and memory against L) under --out.
+Train-step mode: the training step of scripts/train_toy.py (--config, --set) with
+our attention and with flax.nnx.MultiHeadAttention in the same model on the same
+data, in interleaved rounds in one process; prints the median steps/s of each and
+the ratio to flax.nnx.
+
+Time and memory modes write JSON, Markdown and a PNG (time and memory against L)
+under --out.
 """
 
 from __future__ import annotations
@@ -289,12 +296,11 @@ def run_memory_mode(lengths, cap_gib: float, causal: bool, include_torch: bool, 
     for name in names:
         for length in lengths:
             cap = int(cap_gib * 2**30)
-            code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_DATA, ({cap}, {cap}));"
-                    f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench;"
-                    f"bench._one_memory_point({name!r}, {length}, {causal})")  # fmt: skip
-            try:
+            code = (f"import resource; resource.setrlimit(resource.RLIMIT_DATA, ({cap}, {cap}));"
+                    f"import bench; bench._one_memory_point({name!r}, {length}, {causal})")  # fmt: skip
+            try:  # `python -c` puts its working directory, here scripts/, on sys.path
                 done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                      timeout=timeout)  # fmt: skip
+                                      timeout=timeout, cwd=Path(__file__).parent)  # fmt: skip
                 lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
                 outcome = json.loads(lines[-1]) if done.returncode == 0 and lines else None
             except subprocess.TimeoutExpired:
@@ -309,6 +315,43 @@ def run_memory_mode(lengths, cap_gib: float, causal: bool, include_torch: bool, 
                   f"({outcome['seconds']:.1f} s)", flush=True)  # fmt: skip
             (out_dir / "memory.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+# ---------------------------------------------------------------------------
+# Train-step mode: scripts/train_toy.py's step, ours against flax.nnx.MultiHeadAttention
+
+
+def run_train_step_mode(cfg, rounds: int = 7, steps_per_round: int = 20) -> dict[str, float]:
+    """Steps/s of the jitted train step of `cfg`'s model with each attention layer (the
+    same parameters' shapes, the same batches), median of `rounds` interleaved rounds."""
+    from toy_config import check_config
+    from train_toy import initial_state, make_steps, shardings_for
+
+    check_config(cfg)
+    runners = {}
+    for name, flax_reference in (("mha_jax", False), ("flax.nnx", True)):
+        graphdef, optimizer, state = initial_state(cfg, flax_reference)
+        shardings = shardings_for(state)
+        train_step, _, batches = make_steps(cfg, graphdef, optimizer, shardings)
+        data = [batches(i) for i in range(steps_per_round)]
+        state, _ = train_step(jax.device_put(state, shardings[0]), data[0])  # compile
+        runners[name] = [train_step, state, data]
+    times = {name: [] for name in runners}
+    for _ in range(rounds):  # interleaved: both see the same machine noise
+        for name, runner in runners.items():
+            train_step, state, data = runner
+            begin = time.perf_counter()
+            for batch in data:
+                state, metrics = train_step(state, batch)
+            jax.block_until_ready(metrics)
+            times[name].append(time.perf_counter() - begin)
+            runner[1] = state
+    rates = {name: steps_per_round / statistics.median(t) for name, t in times.items()}
+    print(f"train steps/s, median of {rounds} interleaved rounds of {steps_per_round} steps "
+          f"({cfg.task}, d_model={cfg.d_model}, heads={cfg.num_heads}, batch={cfg.batch_size}):")
+    for name, rate in rates.items():
+        print(f"  {name:<10} {rate:8.1f} steps/s   ratio to flax.nnx {rate / rates['flax.nnx']:.2f}")
+    return rates
 
 
 def plot(out_dir: Path) -> None:
@@ -356,10 +399,27 @@ def main():
     parser.add_argument("--causal", action="store_true", help="memory mode: causal attention")
     parser.add_argument("--cap-gib", type=float, default=16.0)
     parser.add_argument("--timeout", type=int, default=900, help="memory mode: s per point")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--train-step", action="store_true",
+                        help="train steps/s of train_toy.py's model: ours vs flax.nnx.MultiHeadAttention")
+    parser.add_argument("--config", type=Path, default=Path("configs/recall.yaml"),
+                        help="train-step mode: the training config (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="train-step mode: override a config field (repeatable)")
+    parser.add_argument("--steps-per-round", type=int, default=20,
+                        help="train-step mode: steps timed in each round (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, help="timed rounds (default: 15; 7 in train-step mode)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
+    if args.train_step:
+        from toy_config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config, args.set)
+            run_train_step_mode(cfg, args.rounds or 7, args.steps_per_round)
+        except ConfigError as error:
+            sys.exit("error: " + " ".join(str(error).split()))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     include_torch = not args.no_torch and torch_available()
     if args.memory:
@@ -370,7 +430,7 @@ def main():
         if args.shape:
             parse = lambda b, n, mode, c: (int(b), int(n), mode, c in ("1", "causal", "True"))
             shapes = [parse(*spec.split(",")) for spec in args.shape]
-        run_time_mode(shapes, 5 if args.quick else args.rounds, include_torch, args.out)
+        run_time_mode(shapes, 5 if args.quick else args.rounds or 15, include_torch, args.out)
     plot(args.out)
     print(f"wrote {args.out}/")
 

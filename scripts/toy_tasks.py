@@ -28,7 +28,7 @@ Batch = dict[str, jax.Array]
 
 
 def attention_layer(cfg, rngs: nnx.Rngs, flax_reference: bool = False) -> nnx.Module:
-    """Our NNX layer, or (for `--compare-flax`) Flax's own, behind one interface."""
+    """Our NNX layer, or (for `bench.py --train-step`) Flax's own, behind one interface."""
     if flax_reference:
         return FlaxAttention(cfg.d_model, cfg.num_heads, rngs=rngs)
     return mha_jax.nnx.MultiHeadAttention(

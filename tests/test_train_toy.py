@@ -14,24 +14,24 @@ import flax.nnx
 import jax
 import numpy as np
 import pytest
+import run_files
+import toy_config
+import toy_report
+import train_toy
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import train_toy  # noqa: E402
-
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 def smoke(**overrides):
-    return train_toy.load_config(SMOKE, [f"{k}={v}" for k, v in overrides.items()])
+    return toy_config.load_config(SMOKE, [f"{k}={v}" for k, v in overrides.items()])
 
 
 def final_params(run_dir: Path, cfg) -> dict:
     _, _, like = train_toy.initial_state(cfg)
-    manager = train_toy.checkpoint_manager(run_dir, cfg)
-    state = train_toy.restore_latest(manager, like, run_dir)
+    manager = run_files.checkpoint_manager(run_dir, cfg)
+    state = run_files.restore_latest(manager, like, run_dir)
     manager.close()
     return state
 
@@ -51,9 +51,9 @@ def test_smoke_run_learns_and_writes_its_run_directory(tmp_path):
 
 @pytest.mark.parametrize("task", ["reverse", "teacher"])
 def test_other_tasks_run(tmp_path, task):
-    cfg = train_toy.load_config(ROOT / "configs" / f"{task}.yaml",
-                                ["steps=30", "log_every=10", "eval_every=30", "eval_size=64",
-                                 "checkpoint_every=30", "num_heatmaps=1", "warmup_steps=3"])
+    cfg = toy_config.load_config(ROOT / "configs" / f"{task}.yaml",
+                                 ["steps=30", "log_every=10", "eval_every=30", "eval_size=64",
+                                  "checkpoint_every=30", "num_heatmaps=1", "warmup_steps=3"])
     history = train_toy.main(cfg, run_dir=tmp_path, quiet=True)
     losses = [h["loss"] for h in history if "loss" in h]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
@@ -92,7 +92,7 @@ def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
     assert process.returncode == 130, err
     assert "SIGINT received: checkpoint saved" in out
     assert "Traceback" not in err
-    cfg = train_toy.load_config(run_dir / "config.yaml")
+    cfg = toy_config.load_config(run_dir / "config.yaml")
     state = final_params(run_dir, cfg)
     assert 0 < int(state.step) < 1000000
 
@@ -100,14 +100,14 @@ def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # warm-up starts at lr=0, so step 1 is good and saved; the huge rate then diverges
     cfg = smoke(learning_rate=1e30, clip_norm=1e30, steps=40, checkpoint_every=1, log_every=1)
-    with pytest.raises(train_toy.NonFiniteLoss, match="training diverged: non-finite"):
+    with pytest.raises(run_files.NonFiniteLoss, match="training diverged: non-finite"):
         train_toy.main(cfg, run_dir=tmp_path, quiet=True)
-    manager = train_toy.checkpoint_manager(tmp_path, cfg)
+    manager = run_files.checkpoint_manager(tmp_path, cfg)
     kept = manager.all_steps()
     manager.close()
     assert kept, "the good checkpoints before the divergence are kept"
     state = final_params(tmp_path, cfg)  # the latest kept one
-    assert int(state.step) == max(kept) and train_toy.all_finite(state.params)
+    assert int(state.step) == max(kept) and run_files.all_finite(state.params)
 
 
 BAD_CONFIGS = [
@@ -130,8 +130,8 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("overrides, message", BAD_CONFIGS, ids=[b[0][0] for b in BAD_CONFIGS])
 def test_bad_config_is_named_before_anything_compiles(tmp_path, overrides, message):
-    with pytest.raises(train_toy.ConfigError, match=message):
-        cfg = train_toy.load_config(SMOKE, overrides)
+    with pytest.raises(toy_config.ConfigError, match=message):
+        cfg = toy_config.load_config(SMOKE, overrides)
         train_toy.main(cfg, run_dir=tmp_path, quiet=True)
     assert not (tmp_path / "checkpoints").exists()
 
@@ -143,12 +143,12 @@ def test_set_keeps_the_field_type():
 
 def test_resume_refuses_a_model_shape_change(tmp_path):
     train_toy.main(smoke(steps=10), run_dir=tmp_path, quiet=True)
-    with pytest.raises(train_toy.ConfigError, match=r"changes the model shape \(d_model: 16 -> 32\)"):
+    with pytest.raises(toy_config.ConfigError, match=r"changes the model shape \(d_model: 16 -> 32\)"):
         train_toy.main(smoke(steps=10, d_model=32), resume=tmp_path, quiet=True)
 
 
 def test_missing_or_corrupt_checkpoint_is_a_clear_error_and_overwrites_nothing(tmp_path):
-    with pytest.raises(train_toy.CheckpointError, match="is not a run directory"):
+    with pytest.raises(run_files.CheckpointError, match="is not a run directory"):
         train_toy.main(smoke(), resume=tmp_path / "nowhere", quiet=True)
     cfg = smoke(steps=10, checkpoint_every=10)
     train_toy.main(cfg, run_dir=tmp_path, quiet=True)
@@ -156,25 +156,26 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error_and_overwrites_nothing(t
         if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name:
             path.write_bytes(b"garbage")
     before = sorted((p, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
-    with pytest.raises(train_toy.CheckpointError, match="could not be read"):
+    with pytest.raises(run_files.CheckpointError, match="could not be read"):
         train_toy.main(cfg, resume=tmp_path, quiet=True)
     after = sorted((p, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()
                    and p.name != "config.yaml")
     assert [a for a in after] == [b for b in before if b[0].name != "config.yaml"]
     # a fresh run into a directory with checkpoints refuses too
-    with pytest.raises(train_toy.CheckpointError, match="already holds checkpoints"):
+    with pytest.raises(run_files.CheckpointError, match="already holds checkpoints"):
         train_toy.main(cfg, run_dir=tmp_path, quiet=True)
 
 
 def test_data_parallel_on_four_devices_matches_one_device(tmp_path):
     script = (
-        "import sys, numpy as np, jax; sys.path.insert(0, 'scripts'); import train_toy;"
-        "cfg = train_toy.load_config('configs/smoke.yaml', ['steps=10', 'checkpoint_every=10']);"
+        "import sys, numpy as np, jax; import toy_config, train_toy;"
+        "cfg = toy_config.load_config('configs/smoke.yaml', ['steps=10', 'checkpoint_every=10']);"
         "h = train_toy.main(cfg, run_dir=__import__('pathlib').Path(sys.argv[1]), quiet=True);"
         "print('DEVICES', jax.device_count())"
     )
     for count in (1, 4):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+                   PYTHONPATH="scripts")  # pytest's pythonpath does not reach a child process
         result = subprocess.run([sys.executable, "-c", script, str(tmp_path / str(count))],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
@@ -214,14 +215,14 @@ def test_reference_weights_come_from_the_trained_parameters():
     cfg = tiny(implementation="blockwise")
     _, _, state = train_toy.initial_state(cfg)
     batch = jax.tree.map(lambda a: a[:2], train_toy.held_out_set(cfg))
-    weights = train_toy.reference_weights(cfg, state.params, batch)
+    weights = toy_report.reference_weights(cfg, state.params, batch)
     assert weights.shape == (2, cfg.num_heads, cfg.num_queries, cfg.num_pairs)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
     graphdef, _, same = train_toy.initial_state(dataclasses.replace(cfg, implementation="reference"))
     _, expected = flax.nnx.merge(graphdef, same.params)(batch, return_weights=True)  # same seed
     np.testing.assert_array_equal(weights, expected)
     moved = jax.tree.map(lambda p: p * 2.0, state.params)  # other parameters, other weights
-    assert not np.allclose(train_toy.reference_weights(cfg, moved, batch), weights)
+    assert not np.allclose(toy_report.reference_weights(cfg, moved, batch), weights)
 
 
 def _unwritable(tmp_path):
@@ -297,9 +298,9 @@ def test_truncated_last_metrics_line_is_dropped_and_the_resume_proceeds(tmp_path
 def test_a_bad_metrics_line_before_the_last_is_an_error(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(tiny())))
     (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n{"step": 4\n{"step": 4}\n')
-    with pytest.raises(train_toy.CheckpointError,
+    with pytest.raises(run_files.CheckpointError,
                        match=r"line 2 of .*metrics\.jsonl must be a JSON record with a step"):
-        train_toy.read_history(tmp_path, upto=4)
+        run_files.read_history(tmp_path, upto=4)
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
@@ -335,14 +336,14 @@ def test_fresh_start_replaces_the_metrics_of_a_run_without_checkpoints(tmp_path)
 ], ids=["bool-for-int", "bool-for-float", "int-for-str", "null-for-str"])
 def test_yaml_values_keep_the_field_type(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
-    with pytest.raises(train_toy.ConfigError, match=message):
-        train_toy.load_config(tmp_path / "c.yaml")
+    with pytest.raises(toy_config.ConfigError, match=message):
+        toy_config.load_config(tmp_path / "c.yaml")
 
 
 def test_a_config_made_in_python_is_type_checked_too():
-    with pytest.raises(train_toy.ConfigError,
+    with pytest.raises(toy_config.ConfigError,
                        match=r"config field 'num_heads' must be of type int; got True"):
-        train_toy.check_config(dataclasses.replace(smoke(), num_heads=True))
+        toy_config.check_config(dataclasses.replace(smoke(), num_heads=True))
 
 
 @pytest.mark.parametrize("override", ["seed=7", "eval_seed=3", "batch_size=32", "eval_size=32",
@@ -353,23 +354,23 @@ def test_resume_refuses_changes_to_what_the_run_computes(tmp_path, override):
     key, value = override.split("=")
     message = (rf"cannot resume .*: the config changes what the run computes \({key}: \S+ -> "
                rf"{value}\); a resumed run must keep .* except steps, implementation")
-    with pytest.raises(train_toy.ConfigError, match=message):
+    with pytest.raises(toy_config.ConfigError, match=message):
         train_toy.main(smoke(**{key: value}), resume=tmp_path, quiet=True)
 
 
 def test_resume_may_change_steps_but_not_below_the_restored_step(tmp_path, capsys):
     train_toy.main(tiny(), run_dir=tmp_path, quiet=True)  # steps=4
     saved = (tmp_path / "config.yaml").read_text()
-    with pytest.raises(train_toy.ConfigError, match=r"steps must be at least the restored step 4 "
-                                                    r"to resume .*; got 3"):
+    with pytest.raises(toy_config.ConfigError, match=r"steps must be at least the restored step 4 "
+                                                     r"to resume .*; got 3"):
         train_toy.main(tiny(steps=3), resume=tmp_path, quiet=True)
     assert (tmp_path / "config.yaml").read_text() == saved  # the refused config is not kept
     longer = tiny(steps=8, log_every=3)  # bookkeeping may change too
-    assert train_toy.prepare_run_dir(longer, None, tmp_path) == tmp_path
+    assert run_files.prepare_run_dir(longer, None, tmp_path) == tmp_path
     _, _, like = train_toy.initial_state(longer)
-    manager = train_toy.checkpoint_manager(tmp_path, longer)
-    state, history = train_toy.resume_state(longer, manager, like, tmp_path)
+    manager = run_files.checkpoint_manager(tmp_path, longer)
+    state, history = run_files.resume_state(longer, manager, like, tmp_path)
     manager.close()
     assert int(state.step) == 4 and history[-1]["step"] == 4
-    assert train_toy.saved_config(tmp_path) == longer
+    assert run_files.saved_config(tmp_path) == longer
     assert "note: resuming with steps=8 (was 4): the learning-rate schedule" in capsys.readouterr().err

@@ -1,13 +1,8 @@
 """The chapter's walkthrough: its shapes, its tokens, its picture."""
 
 import re
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import walkthrough  # noqa: E402
+import walkthrough
 
 
 def test_walkthrough_prints_the_chapter_shapes_and_writes_a_heatmap(tmp_path, capsys):
