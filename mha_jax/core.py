@@ -2,13 +2,15 @@
 
 `attention` is the chapter as code: project, split heads, attend, merge,
 output projection; `kernels.attend` is the one call to whichever kernel
-computes `softmax(q kᵀ · scale) · v`. `batched_attention` is
-`jax.jit(jax.vmap(attention))` with the parameters shared across the batch.
+computes `softmax(q kᵀ · scale) · v`. `batched_attention` is its jitted lift
+over a batch, with the parameters shared. Both run one data path, `_forward`:
+the per-example steps (hiding padded inputs, the attention itself) lifted
+with `jax.vmap`, the row-wise projections on all B·L rows at once.
 
 Both take friendly keywords, or the two values they stand for: the mask
 rules as a `Structure`, the settings as `Options`. Either way the call is
 validated once, at the boundary (`_validate`), and one value of each travels
-to the unchecked per-example body, `_attention`.
+to the unchecked data path.
 """
 
 from __future__ import annotations
@@ -80,29 +82,65 @@ def attention(
     _validate.check_call(params, x_q, x_kv, num_heads=num_heads, mask=mask, bias=bias,
                          structure=structure, options=options, rng=rng,
                          return_weights=return_weights)  # fmt: skip
-    out, weights = _attention(params, x_q, x_kv, mask, bias, rng, structure=structure,
-                              options=options, num_heads=num_heads,
-                              return_weights=return_weights)  # fmt: skip
+    # A batch of one: the example's arrays gain a leading axis, its scalars are shared.
+    one = lambda a: None if a is None else a[None]
+    examples = (one(mask), one(bias), structure.q_offset, structure.kv_length, rng)
+    axes = (_axis(mask), _axis(bias), None, None, None)
+    out, weights = _forward(params, x_q[None], x_kv[None], examples, axes,
+                            rules=structure._replace(q_offset=0, kv_length=None), options=options,
+                            num_heads=num_heads, return_weights=return_weights)  # fmt: skip
+    out, weights = out[0], None if weights is None else weights[0]
     return (out, weights) if return_weights else out
 
 
-def _attention(params, x_q, x_kv, mask, bias, rng, *, structure: Structure, options: Options,
-               num_heads: int, return_weights: bool) -> tuple[Array, Array | None]:  # fmt: skip
-    """The data path of one example, unchecked: `(out [Lq, D_out], weights [H, Lq, Lk] or None)`."""
+def _axis(x, shared: bool = False) -> int | None:
+    """vmap's in_axis for a per-example argument: 0, or None when absent, shared or a scalar."""
+    return None if x is None or shared or jnp.ndim(x) == 0 else 0
+
+
+def _forward(params, x_q, x_kv, examples, axes, *, rules: Structure, options: Options,
+             num_heads: int, return_weights: bool) -> tuple[Array, Array | None]:  # fmt: skip
+    """The data path over a batch, unchecked:
+    `[B, Lq, D], [B, Lk, D_kv] -> (out [B, Lq, D_out], weights [B, H, Lq, Lk] or None)`.
+
+    `examples` is (mask, bias, q_offset, kv_length, rng), each batched on axis 0
+    or shared, as `axes` says; `rules` is the static part of the structure (a
+    static q_offset stands when `examples` has none). Hiding inputs and the
+    attention itself are per-example functions, lifted with `jax.vmap`; the
+    projections are row-wise, so they take the batch as `B·L` rows.
+    """
+
+    def per_example(f, *arrays):  # f(*arrays, mask, bias, structure, rng) over the batch
+        def one(*args):
+            *arrays, mask, bias, q_offset, kv_length, rng = args
+            structure = rules._replace(q_offset=rules.q_offset if q_offset is None else q_offset,
+                                       kv_length=kv_length)  # fmt: skip
+            return f(*arrays, mask, bias, structure, rng)
+
+        return jax.vmap(one, in_axes=(0,) * len(arrays) + tuple(axes))(*arrays, *examples)
+
     dtype = x_q.dtype if options.dtype is None else options.dtype
     params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
-    x_q, x_kv = zero_hidden_rows(x_q.astype(dtype), x_kv.astype(dtype), mask, bias, structure)
+    x_q, x_kv = per_example(lambda x_q, x_kv, mask, bias, structure, _: zero_hidden_rows(
+        x_q, x_kv, mask, bias, structure), x_q.astype(dtype), x_kv.astype(dtype))  # fmt: skip
+    (batch, length_q, _), length_k = x_q.shape, x_kv.shape[1]
     num_kv_heads = params.w_k.shape[1] * num_heads // params.w_q.shape[1]
 
-    # project_heads(x, w, b, H) = split_heads(project(x, w, b), H), in one einsum
-    q = project_heads(x_q, params.w_q, params.b_q, num_heads)  # [Lq, H, Dh]
-    k = project_heads(x_kv, params.w_k, params.b_k, num_kv_heads)  # [Lk, Hkv, Dh]
-    v = project_heads(x_kv, params.w_v, params.b_v, num_kv_heads)  # [Lk, Hkv, Dh]
-    heads, weights = kernels.attend(q, k, v, mask=mask, bias=bias, structure=structure,
-                                    options=options, rng=rng,
-                                    return_weights=return_weights)  # [Lq, H, Dh] # fmt: skip
-    out = merge_project(heads, params.w_o, params.b_o)  # = project(merge_heads(heads), ...) [Lq, D_out]
-    return out, weights
+    # project_heads(x, w, b, H) = split_heads(project(x, w, b), H) on the B·L rows
+    rows = lambda x: x.reshape(-1, x.shape[-1])
+    q = project_heads(rows(x_q), params.w_q, params.b_q, num_heads)  # [B·Lq, H, Dh]
+    k = project_heads(rows(x_kv), params.w_k, params.b_k, num_kv_heads)  # [B·Lk, Hkv, Dh]
+    v = project_heads(rows(x_kv), params.w_v, params.b_v, num_kv_heads)  # [B·Lk, Hkv, Dh]
+    unrows = lambda x, length: x.reshape(batch, length, *x.shape[1:])
+    heads, weights = per_example(
+        lambda q, k, v, mask, bias, structure, rng: kernels.attend(
+            q, k, v, mask=mask, bias=bias, structure=structure, options=options, rng=rng,
+            return_weights=return_weights),
+        unrows(q, length_q), unrows(k, length_k), unrows(v, length_k),
+    )  # [B, Lq, H, Dh] # fmt: skip
+    # merge_project(heads, w, b) = project(merge_heads(heads), w, b) on the B·Lq rows
+    out = merge_project(heads.reshape(batch * length_q, num_heads, -1), params.w_o, params.b_o)
+    return unrows(out, length_q), weights  # [B, Lq, D_out]
 
 
 def zero_hidden_rows(x_q, x_kv, mask, bias, structure: Structure):
@@ -194,7 +232,7 @@ def batched(params, x_q, x_kv, *, num_heads, mask, bias, structure: Structure, o
 @functools.partial(jax.jit, static_argnames=("num_heads", "rules", "options", "return_weights"))
 def _batched(params, x_q, x_kv, mask, bias, q_offset, kv_length, rng, *, num_heads: int,
              rules: Structure, options: Options, return_weights: bool):  # fmt: skip
-    """The jitted batch: validated at trace time, then `jax.vmap` of `_attention`.
+    """The jitted batch: validated at trace time, then the data path `_forward`.
     `rules` holds the static part of the structure; `q_offset` (when traced) and
     `kv_length` come as arrays."""
     x_kv = x_q if x_kv is None else x_kv
@@ -208,14 +246,8 @@ def _batched(params, x_q, x_kv, mask, bias, q_offset, kv_length, rng, *, num_hea
     # A leading axis of 1 (when B != 1) is shared by every example, not vmapped.
     shared = [x is not None and x.shape[0] == 1 and batch != 1 for x in (mask, bias)]
     mask, bias = (x[0] if share else x for x, share in zip((mask, bias), shared, strict=True))
-    axis = lambda x, share=False: None if x is None or share or jnp.ndim(x) == 0 else 0
-    in_axes = (0, 0, axis(mask, shared[0]), axis(bias, shared[1]), axis(q_offset), axis(kv_length),
-               axis(rngs))  # fmt: skip
-
-    def one(x_q, x_kv, mask, bias, q_offset, kv_length, rng):
-        positions = structure._replace(q_offset=rules.q_offset if q_offset is None else q_offset,
-                                       kv_length=kv_length)  # fmt: skip
-        return _attention(params, x_q, x_kv, mask, bias, rng, structure=positions,
-                          options=options, num_heads=num_heads, return_weights=return_weights)
-
-    return jax.vmap(one, in_axes=in_axes)(x_q, x_kv, mask, bias, q_offset, kv_length, rngs)
+    examples = (mask, bias, q_offset, kv_length, rngs)
+    axes = (_axis(mask, shared[0]), _axis(bias, shared[1]), _axis(q_offset), _axis(kv_length),
+            _axis(rngs))  # fmt: skip
+    return _forward(params, x_q, x_kv, examples, axes, rules=rules, options=options,
+                    num_heads=num_heads, return_weights=return_weights)

@@ -44,26 +44,40 @@ def merge_heads(heads: Float[Array, "L H Dh"]) -> Float[Array, "L HDh"]:
 
 
 def project_heads(
-    x: Float[Array, "L D_in"], w: Float[Array, "D_in HDh"], b: Float[Array, " HDh"] | None,
+    x: Float[Array, "N D_in"], w: Float[Array, "D_in HDh"], b: Float[Array, " HDh"] | None,
     num_heads: int,
-) -> Float[Array, "L H Dh"]:
-    """`split_heads(project(x, w, b), num_heads)` as one einsum, over `w` viewed as
-    `[D_in, H, Dh]` (Flax's kernel layout). Same maths (equal up to float
-    rounding), but XLA's CPU backend then computes the weight gradient as a plain
-    matmul, where the two-step form gets a transposed one that is ~2x slower
-    (a quarter of a small layer's gradient step: D=64, H=4, B=128)."""
+) -> Float[Array, "N H Dh"]:
+    """`split_heads(project(x, w, b), num_heads)` for `N` rows (one sequence's L, or
+    a batch's B·L): the same maths in one of two forms, chosen by shape.
+
+    With at least as many rows as features, one einsum over `w` viewed as
+    `[D_in, H, Dh]` (Flax's kernel layout); with fewer, the plain matmul
+    `x @ w` and a reshape. They are equal up to float rounding; what differs
+    is the backward on XLA:CPU, which copies one operand into a transposed
+    layout for the weight gradient: the einsum form copies the activations,
+    the matmul form the weights' gradient side. Copying the smaller one wins:
+    a small layer's train step (D=64, B·L=2048 rows) is ~15% faster with the
+    einsum, the chapter's (D=768, B·L=64 rows) ~40% faster with the matmul
+    (docs/bench_time.md; `scripts/bench.py`)."""
     features = w.shape[1]
     _checks.check_divides("projected features", features, "num_heads", num_heads)
+    if x.shape[0] < features:
+        y = x @ w if b is None else x @ w + b
+        return y.reshape(x.shape[0], num_heads, features // num_heads)
     y = jnp.einsum("ld,dhe->lhe", x, w.reshape(w.shape[0], num_heads, features // num_heads))
     return y if b is None else y + b.reshape(num_heads, -1)
 
 
 def merge_project(
-    heads: Float[Array, "L H Dh"], w: Float[Array, "HDh D_out"], b: Float[Array, " D_out"] | None
-) -> Float[Array, "L D_out"]:
-    """`project(merge_heads(heads), w, b)` as one einsum (why: see `project_heads`)."""
-    num_heads, head_dim = heads.shape[1:]
-    y = jnp.einsum("lhe,hef->lf", heads, w.reshape(num_heads, head_dim, w.shape[1]))
+    heads: Float[Array, "N H Dh"], w: Float[Array, "HDh D_out"], b: Float[Array, " D_out"] | None
+) -> Float[Array, "N D_out"]:
+    """`project(merge_heads(heads), w, b)` for `N` rows, in the form that suits the
+    shape (why: see `project_heads`)."""
+    length, num_heads, head_dim = heads.shape
+    if length < w.shape[1]:
+        y = heads.reshape(length, num_heads * head_dim) @ w
+    else:
+        y = jnp.einsum("lhe,hef->lf", heads, w.reshape(num_heads, head_dim, w.shape[1]))
     return y if b is None else y + b
 
 

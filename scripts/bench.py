@@ -114,6 +114,23 @@ def jax_nn_candidate(causal: bool, backward: bool):
     return _wrap(forward, params, backward)
 
 
+def equinox_candidate(causal: bool, backward: bool):
+    import equinox as eqx
+
+    module = eqx.nn.MultiheadAttention(NUM_HEADS, D_MODEL, use_query_bias=True, use_key_bias=True,
+                                       use_value_bias=True, use_output_bias=True,
+                                       key=jax.random.PRNGKey(0))  # fmt: skip
+    params, static = eqx.partition(module, eqx.is_array)
+
+    def forward(params, x):  # equinox's module takes one sequence: vmap it over the batch
+        layer = eqx.combine(params, static)
+        length = x.shape[1]
+        mask = jnp.tril(jnp.ones((length, length), bool)) if causal else None
+        return jax.vmap(lambda x: layer(x, x, x, mask=mask))(x)
+
+    return _wrap(forward, params, backward)
+
+
 def _wrap(forward, params, backward):
     if not backward:
         return jax.jit(lambda x: forward(params, x))
@@ -151,6 +168,7 @@ def candidates(causal: bool, backward: bool, include_torch: bool) -> dict:
         "flax.linen": flax_linen_candidate(causal, backward),
         "flax.nnx": flax_nnx_candidate(causal, backward),
         "jax.nn+proj": jax_nn_candidate(causal, backward),
+        "equinox": equinox_candidate(causal, backward),
         "mha_jax auto": mha_jax_candidate("auto", causal, backward),
         "mha_jax reference": mha_jax_candidate("reference", causal, backward),
         "mha_jax blockwise": mha_jax_candidate("blockwise", causal, backward),

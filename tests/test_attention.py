@@ -259,6 +259,33 @@ def test_batched_attention_is_cached_across_calls():
     assert _batched_cache_size() == size
 
 
+def test_equal_settings_compile_once_whether_given_as_keywords_or_values():
+    """The cache key is (Options, the static Structure, ...): equal values hit it."""
+    params, _, _ = make()
+    x, x_kv = normal(1, (B, Lq, D)), normal(2, (B, Lk, Dkv))
+    calls = [dict(scale=0.25, is_causal=True, window=(2, 1)),
+             dict(options=mj.Options(scale=0.25), structure=mj.Structure(True, window=(2, 1))),
+             dict(options=mj.Options(scale=np.float32(0.25)), is_causal=True, window=[2, 1])]
+    outs = []
+    for i, call in enumerate(calls):
+        outs.append(mj.batched_attention(params, x * (i + 1), x_kv, num_heads=H, **call))
+        if i == 0:
+            size = _batched_cache_size()
+    assert _batched_cache_size() == size
+    np.testing.assert_array_equal(outs[1], mj.batched_attention(params, x * 2, x_kv, num_heads=H,
+                                                                **calls[0]))  # fmt: skip
+
+
+def test_structure_and_options_values_cannot_be_mixed_with_their_keywords():
+    params, x_q, x_kv = make()
+    with pytest.raises(ValueError, match=r"structure must be given alone or not at all; got "
+                                         r"structure= together with is_causal"):  # fmt: skip
+        mj.attention(params, x_q, x_kv, num_heads=H, structure=mj.Structure(), is_causal=True)
+    with pytest.raises(ValueError, match=r"options must be given alone .* with scale, dtype"):
+        mj.attention(params, x_q, x_kv, num_heads=H, options=mj.Options(), scale=0.1,
+                     dtype=jnp.bfloat16)  # fmt: skip
+
+
 def test_head_dim_independent_of_d_model_and_other_output_width():
     params, x_q, x_kv = make(head_dim=5, d_out=3)
     out = mj.attention(params, x_q, x_kv, num_heads=H)

@@ -64,17 +64,19 @@ def test_split_heads_is_the_contiguous_split():
     np.testing.assert_array_equal(heads[1, 2], x[1, 4:6])  # head 2 owns features 4:6
 
 
+@pytest.mark.parametrize("rows", [5, 40], ids=["matmul_form", "einsum_form"])
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_fused_projections_equal_the_two_step_stages(use_bias):
+def test_fused_projections_equal_the_two_step_stages(use_bias, rows):
     """`attention` uses project_heads / merge_project; they are the chapter's
-    project + split_heads and merge_heads + project, up to float rounding."""
+    project + split_heads and merge_heads + project, up to float rounding, in
+    both of their forms (fewer rows than features, or at least as many)."""
     params = mj.init_params(jax.random.PRNGKey(0), 12, 6, num_kv_heads=3, head_dim=4,
                             d_out=10, use_bias=use_bias)  # fmt: skip
     if use_bias:  # init_params zeroes biases; make them count
         params = params._replace(b_k=normal(3, (12,)), b_o=normal(4, (10,)))
-    x = normal(1, (5, 12))
+    x = normal(1, (rows, 12))
     k = mj.project_heads(x, params.w_k, params.b_k, 3)
-    chex.assert_shape(k, (5, 3, 4))
+    chex.assert_shape(k, (rows, 3, 4))
     np.testing.assert_allclose(k, mj.split_heads(mj.project(x, params.w_k, params.b_k), 3),
                                rtol=1e-6, atol=1e-6)  # fmt: skip
     heads = normal(2, (5, 6, 4))
