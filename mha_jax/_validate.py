@@ -31,8 +31,9 @@ STRUCTURE_KEYWORDS = dict(is_causal=False, q_offset=0, kv_length=None, window=No
 OPTIONS_KEYWORDS = dict(scale=None, dropout_rate=0.0, dtype=None, implementation="auto")
 
 
-def settle(structure: Structure | None, options: Options | None, *, deterministic, **keywords
-           ) -> tuple[Structure, Options]:  # fmt: skip
+def settle(
+    structure: Structure | None, options: Options | None, *, deterministic, **keywords
+) -> tuple[Structure, Options]:
     """(structure, options) from either the values or the friendly keywords, never both."""
     structure = settle_structure(structure, **{k: keywords[k] for k in STRUCTURE_KEYWORDS})
     _refuse_both(options, "options", OPTIONS_KEYWORDS, keywords)
@@ -65,8 +66,9 @@ def effective(options: Options, deterministic) -> Options:
 def _refuse_both(value, name: str, defaults: dict, keywords: dict) -> None:
     given = [k for k, default in defaults.items() if _given(keywords[k], default)]
     if value is not None and given:
-        raise ValueError(f"{name} must be given alone or not at all; got {name}= together "
-                         f"with {', '.join(given)}")  # fmt: skip
+        raise ValueError(
+            f"{name} must be given alone or not at all; got {name}= together with {', '.join(given)}"
+        )
 
 
 def _given(value, default) -> bool:
@@ -75,13 +77,27 @@ def _given(value, default) -> bool:
     return value is not default and not (plain and value == default)
 
 
-def check_call(params, x_q, x_kv, *, num_heads, mask, bias, structure: Structure,
-               options: Options, rng, return_weights, batch: int | None = None) -> Sizes:  # fmt: skip
+def check_call(
+    params,
+    x_q,
+    x_kv,
+    *,
+    num_heads,
+    mask,
+    bias,
+    structure: Structure,
+    options: Options,
+    rng,
+    return_weights,
+    batch: int | None = None,
+) -> Sizes:
     """Validate one example (`batch=None`) or a batch of `B` examples."""
     lead = "[B, " if batch is not None else "["
     if not isinstance(params, MHAParams):
-        raise TypeError(f"params must be an mha_jax.MHAParams (e.g. MHAParams(**weights) for a "
-                        f"dict); got {type(params).__name__}")  # fmt: skip
+        raise TypeError(
+            f"params must be an mha_jax.MHAParams (e.g. MHAParams(**weights) for a "
+            f"dict); got {type(params).__name__}"
+        )
     _checks.check_bool_flag("return_weights", return_weights)
     _checks.check_positive("num_heads", num_heads)
     rank = 2 if batch is None else 3
@@ -105,17 +121,22 @@ def check_call(params, x_q, x_kv, *, num_heads, mask, bias, structure: Structure
     _checks.check_divides("num_heads", num_heads, "num_kv_heads", num_kv_heads)
     _checks.check_shape("params.w_v", params.w_v, (d_kv, kv_features), "[D_kv, Hkv*Dh]")
     _checks.check_shape("params.w_o", params.w_o, (q_features, None), "[H*Dh, D_out]")
-    for name, width in (("b_q", q_features), ("b_k", kv_features), ("b_v", kv_features),
-                        ("b_o", params.w_o.shape[1])):  # fmt: skip
+    for name, width in (
+        ("b_q", q_features),
+        ("b_k", kv_features),
+        ("b_v", kv_features),
+        ("b_o", params.w_o.shape[1]),
+    ):
         if getattr(params, name) is not None:
             _checks.check_shape(f"params.{name}", getattr(params, name), (width,), "[features]")
 
-    per_example = [("[Lq, Lk]", (length_q, length_k)),
-                   ("[H, Lq, Lk]", (num_heads, length_q, length_k))]  # fmt: skip
+    per_example = [("[Lq, Lk]", (length_q, length_k)), ("[H, Lq, Lk]", (num_heads, length_q, length_k))]
     if batch is not None:  # a leading 1 is shared across the batch
-        per_example = [(f"[{lead}, {legend[1:]}", (size, *shape))
-                       for legend, shape in per_example
-                       for lead, size in (("B", batch), ("1", 1))]  # fmt: skip
+        per_example = [
+            (f"[{lead}, {legend[1:]}", (size, *shape))
+            for legend, shape in per_example
+            for lead, size in (("B", batch), ("1", 1))
+        ]
     if mask is not None:
         _checks.check_bool("mask", mask)
         _checks.check_one_of_shapes("mask", mask, per_example)
@@ -133,12 +154,19 @@ def check_positions(structure: Structure, batch: int | None) -> None:
     batched = batch is not None
     if structure.kv_length is not None:
         _checks.check_integer("kv_length", structure.kv_length)
-        _checks.check_shape("kv_length", structure.kv_length, (batch,) if batched else (),
-                            "[B]" if batched else "[] (a scalar)")  # fmt: skip
+        _checks.check_shape(
+            "kv_length",
+            structure.kv_length,
+            (batch,) if batched else (),
+            "[B]" if batched else "[] (a scalar)",
+        )
     q_offset = structure.q_offset
     _checks.check_integer("q_offset", q_offset)
     if jnp.ndim(q_offset) not in ((0, 1) if batched else (0,)):
-        raise _checks.fail("q_offset", "be a scalar" + (" or have shape [B]" if batched else ""),
-                           f"shape {jnp.shape(q_offset)}")  # fmt: skip
+        raise _checks.fail(
+            "q_offset",
+            "be a scalar" + (" or have shape [B]" if batched else ""),
+            f"shape {jnp.shape(q_offset)}",
+        )
     if batched and jnp.ndim(q_offset) == 1:
         _checks.check_shape("q_offset", q_offset, (batch,), "[B]")

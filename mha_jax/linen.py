@@ -65,23 +65,36 @@ class MultiHeadAttention(nn.Module):
         """`mask`, `bias`, `kv_length`, `q_offset`, `structure`: as `mha_jax.batched_attention`."""
         x_kv = x_q if x_kv is None else x_kv
         sizes = resolve_sizes(
-            x_q.shape[-1], self.num_heads, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, d_kv=x_kv.shape[-1], d_out=self.out_features,
-        )  # fmt: skip
-        init = functools.partial(init_param, dtype=self.param_dtype,
-                                 kernel_init=self.kernel_init, bias_init=self.bias_init)  # fmt: skip
+            x_q.shape[-1],
+            self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            d_kv=x_kv.shape[-1],
+            d_out=self.out_features,
+        )
+        init = functools.partial(
+            init_param, dtype=self.param_dtype, kernel_init=self.kernel_init, bias_init=self.bias_init
+        )
         params = build_params(
             lambda name, shape: self.param(name, init, name, shape),
             param_shapes(**sizes, use_bias=self.use_bias),
         )
-        structure = settle_structure(structure, is_causal=is_causal, q_offset=q_offset,
-                                     kv_length=kv_length, window=window)  # fmt: skip
+        structure = settle_structure(
+            structure, is_causal=is_causal, q_offset=q_offset, kv_length=kv_length, window=window
+        )
         out, weights = _module.forward(
-            self, params, x_q, x_kv, options=self.options, mask=mask, bias=bias,
-            structure=structure, deterministic=deterministic,
+            self,
+            params,
+            x_q,
+            x_kv,
+            options=self.options,
+            mask=mask,
+            bias=bias,
+            structure=structure,
+            deterministic=deterministic,
             draw_rng=lambda: self.make_rng("dropout") if dropout_rng is None else dropout_rng,
             return_weights=return_weights,
-        )  # fmt: skip
+        )
         if self.sow_weights:
             self.sow("intermediates", "attention_weights", weights)
         return (out, weights) if return_weights else out

@@ -150,9 +150,7 @@ class Structure(NamedTuple):
 def causal_mask(length_q: int, length_k: int | None = None, *, q_offset: ArrayLike = 0) -> Array:
     """`[Lq, Lk]` lower-triangular mask, top-left aligned and shifted by `q_offset`."""
     length_k = length_q if length_k is None else length_k
-    return Structure(is_causal=True, q_offset=q_offset).allows(
-        jnp.arange(length_q), jnp.arange(length_k)
-    )
+    return Structure(is_causal=True, q_offset=q_offset).allows(jnp.arange(length_q), jnp.arange(length_k))
 
 
 def local_mask(

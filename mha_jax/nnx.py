@@ -52,8 +52,14 @@ class MultiHeadAttention(nnx.Module):
         bias_init=default_bias_init,
         rngs: nnx.Rngs,
     ):
-        sizes = resolve_sizes(in_features, num_heads, num_kv_heads=num_kv_heads,
-                              head_dim=head_dim, d_kv=in_kv_features, d_out=out_features)  # fmt: skip
+        sizes = resolve_sizes(
+            in_features,
+            num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            d_kv=in_kv_features,
+            d_out=out_features,
+        )
         params = build_params(
             lambda name, shape: nnx.Param(
                 init_param(rngs.params(), name, shape, param_dtype, kernel_init, bias_init)
@@ -68,8 +74,7 @@ class MultiHeadAttention(nnx.Module):
 
     @property
     def params(self) -> MHAParams:
-        return MHAParams(*(None if p is None else p[...] for p in map(self.__getattribute__,
-                                                                       PARAM_NAMES)))  # fmt: skip
+        return MHAParams(*(None if p is None else p[...] for p in map(self.__getattribute__, PARAM_NAMES)))
 
     def _dropout_stream(self, rngs):
         stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs or self.rngs
@@ -94,13 +99,22 @@ class MultiHeadAttention(nnx.Module):
         return_weights: bool = False,
     ):
         """`mask`, `bias`, `kv_length`, `q_offset`, `structure`: as `mha_jax.batched_attention`."""
-        structure = settle_structure(structure, is_causal=is_causal, q_offset=q_offset,
-                                     kv_length=kv_length, window=window)  # fmt: skip
+        structure = settle_structure(
+            structure, is_causal=is_causal, q_offset=q_offset, kv_length=kv_length, window=window
+        )
         out, weights = _module.forward(
-            self, self.params, x_q, x_kv, options=self.options, mask=mask, bias=bias,
-            structure=structure, deterministic=deterministic,
-            draw_rng=lambda: self._dropout_stream(rngs)(), return_weights=return_weights,
-        )  # fmt: skip
+            self,
+            self.params,
+            x_q,
+            x_kv,
+            options=self.options,
+            mask=mask,
+            bias=bias,
+            structure=structure,
+            deterministic=deterministic,
+            draw_rng=lambda: self._dropout_stream(rngs)(),
+            return_weights=return_weights,
+        )
         if self.sow_weights:
             self.sow(nnx.Intermediate, "attention_weights", weights)
         return (out, weights) if return_weights else out

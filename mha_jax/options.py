@@ -45,8 +45,9 @@ class Options:
 
     def __post_init__(self):
         scale, rate = self.scale, self.dropout_rate
-        is_real = lambda v: isinstance(v, int | float | np.integer | np.floating) and not isinstance(
-            v, bool | np.bool_)  # fmt: skip
+        is_real = lambda v: (
+            isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+        )
         if scale is not None and not (is_real(scale) and math.isfinite(scale)):
             raise TypeError(f"scale must be a finite real number or None; got {scale!r}")
         if not (is_real(rate) and 0.0 <= rate < 1.0):

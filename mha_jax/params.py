@@ -67,23 +67,36 @@ def resolve_sizes(
     d_out = d_model if d_out is None else d_out
     _checks.check_positive("d_out", d_out)
     return dict(
-        d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, d_kv=d_kv, d_out=d_out,
-    )  # fmt: skip
+        d_model=d_model,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        d_kv=d_kv,
+        d_out=d_out,
+    )
 
 
 def param_shapes(
-    d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, d_kv: int, d_out: int,
+    d_model: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    d_kv: int,
+    d_out: int,
     use_bias: bool = True,
-) -> dict[str, tuple[int, ...] | None]:  # fmt: skip
+) -> dict[str, tuple[int, ...] | None]:
     """Shape of every parameter by name; `None` for an absent bias."""
     q_features, kv_features = num_heads * head_dim, num_kv_heads * head_dim
     shapes = dict(
-        w_q=(d_model, q_features), b_q=(q_features,),
-        w_k=(d_kv, kv_features), b_k=(kv_features,),
-        w_v=(d_kv, kv_features), b_v=(kv_features,),
-        w_o=(q_features, d_out), b_o=(d_out,),
-    )  # fmt: skip
+        w_q=(d_model, q_features),
+        b_q=(q_features,),
+        w_k=(d_kv, kv_features),
+        b_k=(kv_features,),
+        w_v=(d_kv, kv_features),
+        b_v=(kv_features,),
+        w_o=(q_features, d_out),
+        b_o=(d_out,),
+    )
     if not use_bias:
         shapes = {name: (None if name.startswith("b_") else s) for name, s in shapes.items()}
     return shapes
@@ -131,6 +144,4 @@ def build_params(
 ) -> MHAParams:
     """`MHAParams` whose arrays come from `make(name, shape)`: the one place
     parameters are created, for `init_params` and both Flax modules."""
-    return MHAParams(
-        **{name: None if shape is None else make(name, shape) for name, shape in shapes.items()}
-    )
+    return MHAParams(**{name: None if shape is None else make(name, shape) for name, shape in shapes.items()})

@@ -44,7 +44,9 @@ def merge_heads(heads: Float[Array, "L H Dh"]) -> Float[Array, "L HDh"]:
 
 
 def project_heads(
-    x: Float[Array, "N D_in"], w: Float[Array, "D_in HDh"], b: Float[Array, " HDh"] | None,
+    x: Float[Array, "N D_in"],
+    w: Float[Array, "D_in HDh"],
+    b: Float[Array, " HDh"] | None,
     num_heads: int,
 ) -> Float[Array, "N H Dh"]:
     """`split_heads(project(x, w, b), num_heads)` for `N` rows (one sequence's L, or
@@ -87,8 +89,8 @@ def attention_scores(
     """`q kᵀ * scale` per head, accumulated and returned in float32 (or wider).
 
     `scale` defaults to `1/sqrt(Dh)`. Accumulating in float32
-    (`preferred_element_type`) matters more than a float32 softmax: bf16
-    logits are already ~20x less accurate (ANCHORS §3.2).
+    (`preferred_element_type`) matters more than a float32 softmax: logits
+    accumulated in bf16 carry bf16's rounding (2^-8) in every product summed.
     """
     length_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -160,23 +162,17 @@ def _masked_softmax_jvp(primals, tangents):
     return weights, weights * (d_scores - (weights * d_scores).sum(axis=-1, keepdims=True))
 
 
-def dropout_weights(
-    weights: Float[Array, "H Lq Lk"], rate: float, rng: Array
-) -> Float[Array, "H Lq Lk"]:
+def dropout_weights(weights: Float[Array, "H Lq Lk"], rate: float, rng: Array) -> Float[Array, "H Lq Lk"]:
     """Inverted dropout on the attention weights, independent per head."""
     keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
     return jnp.where(keep, weights / (1.0 - rate), 0.0).astype(weights.dtype)
 
 
-def apply_weights(
-    weights: Float[Array, "H Lq Lk"], v: Float[Array, "Lk Hkv Dh"]
-) -> Float[Array, "Lq H Dh"]:
+def apply_weights(weights: Float[Array, "H Lq Lk"], v: Float[Array, "Lk Hkv Dh"]) -> Float[Array, "Lq H Dh"]:
     """`weights · v` per head: each query's weighted sum of the values."""
     num_heads, length_q, length_k = weights.shape
     num_kv_heads = v.shape[1]
-    grouped = weights.astype(v.dtype).reshape(
-        num_kv_heads, num_heads // num_kv_heads, length_q, length_k
-    )
+    grouped = weights.astype(v.dtype).reshape(num_kv_heads, num_heads // num_kv_heads, length_q, length_k)
     accumulate = jnp.promote_types(v.dtype, jnp.float32)
     heads = jnp.einsum("hgqk,khd->qhgd", grouped, v, preferred_element_type=accumulate)
     return heads.reshape(length_q, num_heads, v.shape[2]).astype(v.dtype)

@@ -47,12 +47,16 @@ HEAD_DIM = D_MODEL // NUM_HEADS
 
 # (B, L, pass, causal)
 SHAPES = [
-    (4, 16, "fwd", False), (4, 16, "fwd+bwd", False),
-    (8, 512, "fwd", False), (8, 512, "fwd+bwd", False),
+    (4, 16, "fwd", False),
+    (4, 16, "fwd+bwd", False),
+    (8, 512, "fwd", False),
+    (8, 512, "fwd+bwd", False),
     (1, 2048, "fwd", False),
-    (1, 4096, "fwd", False), (1, 4096, "fwd", True), (1, 4096, "fwd+bwd", False),
+    (1, 4096, "fwd", False),
+    (1, 4096, "fwd", True),
+    (1, 4096, "fwd+bwd", False),
     (1, 4096, "fwd+bwd", True),
-]  # fmt: skip
+]
 QUICK = [(4, 16, "fwd", False), (1, 1024, "fwd+bwd", True)]
 
 
@@ -66,8 +70,9 @@ def mha_jax_candidate(implementation: str, causal: bool, backward: bool):
     params = mha_jax.init_params(jax.random.PRNGKey(0), D_MODEL, NUM_HEADS)
 
     def forward(params, x):
-        return mha_jax.batched_attention(params, x, num_heads=NUM_HEADS, is_causal=causal,
-                                         implementation=implementation)  # fmt: skip
+        return mha_jax.batched_attention(
+            params, x, num_heads=NUM_HEADS, is_causal=causal, implementation=implementation
+        )
 
     return _wrap(forward, params, backward)
 
@@ -106,8 +111,7 @@ def jax_nn_candidate(causal: bool, backward: bool):
     def forward(params, x):
         batch, length, _ = x.shape
         split = lambda w, b: (x @ w + b).reshape(batch, length, NUM_HEADS, HEAD_DIM)
-        q, k, v = split(params.w_q, params.b_q), split(params.w_k, params.b_k), split(
-            params.w_v, params.b_v)
+        q, k, v = split(params.w_q, params.b_q), split(params.w_k, params.b_k), split(params.w_v, params.b_v)
         heads = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
         return heads.reshape(batch, length, D_MODEL) @ params.w_o + params.b_o
 
@@ -117,9 +121,15 @@ def jax_nn_candidate(causal: bool, backward: bool):
 def equinox_candidate(causal: bool, backward: bool):
     import equinox as eqx
 
-    module = eqx.nn.MultiheadAttention(NUM_HEADS, D_MODEL, use_query_bias=True, use_key_bias=True,
-                                       use_value_bias=True, use_output_bias=True,
-                                       key=jax.random.PRNGKey(0))  # fmt: skip
+    module = eqx.nn.MultiheadAttention(
+        NUM_HEADS,
+        D_MODEL,
+        use_query_bias=True,
+        use_key_bias=True,
+        use_value_bias=True,
+        use_output_bias=True,
+        key=jax.random.PRNGKey(0),
+    )
     params, static = eqx.partition(module, eqx.is_array)
 
     def forward(params, x):  # equinox's module takes one sequence: vmap it over the batch
@@ -147,8 +157,7 @@ def torch_candidate(causal: bool, backward: bool):
     def run(x_np):
         x = torch.from_numpy(np.asarray(x_np)).requires_grad_(backward)
         batch, length, _ = x.shape
-        q, k, v = (p(x).view(batch, length, NUM_HEADS, HEAD_DIM).transpose(1, 2)
-                   for p in projections[:3])  # fmt: skip
+        q, k, v = (p(x).view(batch, length, NUM_HEADS, HEAD_DIM).transpose(1, 2) for p in projections[:3])
         heads = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         out = projections[3](heads.transpose(1, 2).reshape(batch, length, D_MODEL))
         if backward:
@@ -156,9 +165,11 @@ def torch_candidate(causal: bool, backward: bool):
         return out
 
     if not backward:
+
         def no_grad(x):
             with torch.no_grad():
                 return run(x)
+
         return no_grad
     return run
 
@@ -240,8 +251,10 @@ def time_case(batch, length, mode, causal, rounds, include_torch, seed=0) -> dic
 
 def run_time_mode(shapes, rounds, include_torch, out_dir: Path) -> dict:
     rate = matmul_rate()
-    print(f"large jnp.dot: {rate / 1e9:.1f} GFLOP/s on {jax.device_count()} {jax.default_backend()}"
-          f" device(s), {os.cpu_count()} cores")  # fmt: skip
+    print(
+        f"large jnp.dot: {rate / 1e9:.1f} GFLOP/s on {jax.device_count()} {jax.default_backend()}"
+        f" device(s), {os.cpu_count()} cores"
+    )
     results = {"matmul_gflops": rate / 1e9, "cases": []}
     for batch, length, mode, causal in shapes:
         case_rounds = rounds if length <= 1024 else max(3, rounds // 3)
@@ -251,11 +264,15 @@ def run_time_mode(shapes, rounds, include_torch, out_dir: Path) -> dict:
         rows = {}
         for name, ts in times.items():
             median = statistics.median(ts)
-            rows[name] = dict(median_ms=median * 1e3, min_ms=min(ts) * 1e3, max_ms=max(ts) * 1e3,
-                              ratio_to_linen=median / base, gflops=useful / median / 1e9,
-                              pct_matmul=100 * useful / median / rate)  # fmt: skip
-        case = dict(batch=batch, length=length, mode=mode, causal=causal, rounds=case_rounds,
-                    results=rows)  # fmt: skip
+            rows[name] = dict(
+                median_ms=median * 1e3,
+                min_ms=min(ts) * 1e3,
+                max_ms=max(ts) * 1e3,
+                ratio_to_linen=median / base,
+                gflops=useful / median / 1e9,
+                pct_matmul=100 * useful / median / rate,
+            )
+        case = dict(batch=batch, length=length, mode=mode, causal=causal, rounds=case_rounds, results=rows)
         results["cases"].append(case)
         print(_case_markdown(case), flush=True)
         (out_dir / "bench.json").write_text(json.dumps(results, indent=1))
@@ -264,19 +281,28 @@ def run_time_mode(shapes, rounds, include_torch, out_dir: Path) -> dict:
 
 
 def _case_markdown(case) -> str:
-    title = (f"B={case['batch']} L={case['length']} {case['mode']}"
-             f"{' causal' if case['causal'] else ''} ({case['rounds']} rounds)")
-    lines = [f"\n{title}", "| implementation | median ms (min-max) | vs flax.linen | GFLOP/s |"
-             " % of matmul |", "|---|---|---|---|---|"]  # fmt: skip
+    title = (
+        f"B={case['batch']} L={case['length']} {case['mode']}"
+        f"{' causal' if case['causal'] else ''} ({case['rounds']} rounds)"
+    )
+    lines = [
+        f"\n{title}",
+        "| implementation | median ms (min-max) | vs flax.linen | GFLOP/s | % of matmul |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in sorted(case["results"].items(), key=lambda item: item[1]["median_ms"]):
-        lines.append(f"| {name} | {r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f}) | "
-                     f"{r['ratio_to_linen']:.2f}x | {r['gflops']:.1f} | {r['pct_matmul']:.0f}% |")
+        lines.append(
+            f"| {name} | {r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f}) | "
+            f"{r['ratio_to_linen']:.2f}x | {r['gflops']:.1f} | {r['pct_matmul']:.0f}% |"
+        )
     return "\n".join(lines)
 
 
 def _markdown(results) -> str:
-    head = (f"Large `jnp.dot` rate in this process: {results['matmul_gflops']:.1f} GFLOP/s. "
-            "Ratios are time relative to flax.linen (lower is faster).\n")
+    head = (
+        f"Large `jnp.dot` rate in this process: {results['matmul_gflops']:.1f} GFLOP/s. "
+        "Ratios are time relative to flax.linen (lower is faster).\n"
+    )
     return head + "\n".join(_case_markdown(c) for c in results["cases"]) + "\n"
 
 
@@ -284,8 +310,7 @@ def _markdown(results) -> str:
 # Memory mode
 
 
-MEMORY_CANDIDATES = ["flax.linen", "jax.nn+proj", "mha_jax reference", "mha_jax blockwise",
-                     "torch sdpa+proj"]  # fmt: skip
+MEMORY_CANDIDATES = ["flax.linen", "jax.nn+proj", "mha_jax reference", "mha_jax blockwise", "torch sdpa+proj"]
 
 
 def _one_memory_point(name: str, length: int, causal: bool) -> None:
@@ -297,8 +322,7 @@ def _one_memory_point(name: str, length: int, causal: bool) -> None:
     elif name.startswith("mha_jax"):
         f = mha_jax_candidate(name.split()[1], causal, backward)
     else:
-        f = {"flax.linen": flax_linen_candidate, "jax.nn+proj": jax_nn_candidate}[name](
-            causal, backward)
+        f = {"flax.linen": flax_linen_candidate, "jax.nn+proj": jax_nn_candidate}[name](causal, backward)
     x = jax.random.normal(jax.random.PRNGKey(1), (1, length, D_MODEL))
     begin = time.perf_counter()
     block(f(np.asarray(x) if name.startswith("torch") else x))
@@ -307,30 +331,40 @@ def _one_memory_point(name: str, length: int, causal: bool) -> None:
     print(json.dumps(dict(peak_rss=peak, seconds=seconds)))
 
 
-def run_memory_mode(lengths, cap_gib: float, causal: bool, include_torch: bool, out_dir: Path,
-                    timeout: int) -> dict:  # fmt: skip
+def run_memory_mode(
+    lengths, cap_gib: float, causal: bool, include_torch: bool, out_dir: Path, timeout: int
+) -> dict:
     names = [n for n in MEMORY_CANDIDATES if include_torch or not n.startswith("torch")]
     results = {name: {} for name in names}
     for name in names:
         for length in lengths:
             cap = int(cap_gib * 2**30)
-            code = (f"import resource; resource.setrlimit(resource.RLIMIT_DATA, ({cap}, {cap}));"
-                    f"import bench; bench._one_memory_point({name!r}, {length}, {causal})")  # fmt: skip
+            code = (
+                f"import resource; resource.setrlimit(resource.RLIMIT_DATA, ({cap}, {cap}));"
+                f"import bench; bench._one_memory_point({name!r}, {length}, {causal})"
+            )
             try:  # `python -c` puts its working directory, here scripts/, on sys.path
-                done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                      timeout=timeout, cwd=Path(__file__).parent)  # fmt: skip
+                done = subprocess.run(
+                    [sys.executable, "-c", code],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    cwd=Path(__file__).parent,
+                )
                 lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
                 outcome = json.loads(lines[-1]) if done.returncode == 0 and lines else None
             except subprocess.TimeoutExpired:
                 outcome = "timeout"
             if not isinstance(outcome, dict):
                 results[name][length] = {"failed": outcome or f"over {cap_gib} GiB or error"}
-                print(f"{name:<20} L={length:<6} failed ({results[name][length]['failed']})",
-                      flush=True)  # fmt: skip
+                print(f"{name:<20} L={length:<6} failed ({results[name][length]['failed']})", flush=True)
                 break
             results[name][length] = outcome
-            print(f"{name:<20} L={length:<6} peak RSS {outcome['peak_rss'] / 2**30:6.2f} GiB "
-                  f"({outcome['seconds']:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"{name:<20} L={length:<6} peak RSS {outcome['peak_rss'] / 2**30:6.2f} GiB "
+                f"({outcome['seconds']:.1f} s)",
+                flush=True,
+            )
             (out_dir / "memory.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -365,8 +399,10 @@ def run_train_step_mode(cfg, rounds: int = 7, steps_per_round: int = 20) -> dict
             times[name].append(time.perf_counter() - begin)
             runner[1] = state
     rates = {name: steps_per_round / statistics.median(t) for name, t in times.items()}
-    print(f"train steps/s, median of {rounds} interleaved rounds of {steps_per_round} steps "
-          f"({cfg.task}, d_model={cfg.d_model}, heads={cfg.num_heads}, batch={cfg.batch_size}):")
+    print(
+        f"train steps/s, median of {rounds} interleaved rounds of {steps_per_round} steps "
+        f"({cfg.task}, d_model={cfg.d_model}, heads={cfg.num_heads}, batch={cfg.batch_size}):"
+    )
     for name, rate in rates.items():
         print(f"  {name:<10} {rate:8.1f} steps/s   ratio to flax.nnx {rate / rates['flax.nnx']:.2f}")
     return rates
@@ -381,22 +417,30 @@ def plot(out_dir: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     bench_path, memory_path = out_dir / "bench.json", out_dir / "memory.json"
     if bench_path.exists():
-        cases = [c for c in json.loads(bench_path.read_text())["cases"]
-                 if c["batch"] == 1 and c["mode"] == "fwd" and not c["causal"]]  # fmt: skip
-        for name in (cases[0]["results"] if cases else []):
+        cases = [
+            c
+            for c in json.loads(bench_path.read_text())["cases"]
+            if c["batch"] == 1 and c["mode"] == "fwd" and not c["causal"]
+        ]
+        for name in cases[0]["results"] if cases else []:
             points = sorted((c["length"], c["results"][name]["median_ms"]) for c in cases)
             axes[0].plot(*zip(*points, strict=True), marker="o", label=name)
-        axes[0].set(xscale="log", yscale="log", xlabel="L (B=1, forward)", ylabel="median ms",
-                    title="time")
+        axes[0].set(xscale="log", yscale="log", xlabel="L (B=1, forward)", ylabel="median ms", title="time")
         axes[0].legend(fontsize=7)
     if memory_path.exists():
         for name, points in json.loads(memory_path.read_text()).items():
-            ok = sorted((int(length), p["peak_rss"] / 2**30) for length, p in points.items()
-                        if "peak_rss" in p)  # fmt: skip
+            ok = sorted(
+                (int(length), p["peak_rss"] / 2**30) for length, p in points.items() if "peak_rss" in p
+            )
             if ok:
                 axes[1].plot(*zip(*ok, strict=True), marker="o", label=name)
-        axes[1].set(xscale="log", yscale="log", xlabel="L (B=1, forward+backward)",
-                    ylabel="peak RSS (GiB)", title="memory")
+        axes[1].set(
+            xscale="log",
+            yscale="log",
+            xlabel="L (B=1, forward+backward)",
+            ylabel="peak RSS (GiB)",
+            title="memory",
+        )
         axes[1].legend(fontsize=7)
     for ax in axes:  # label the measured lengths as 2k, 4k, ... instead of crowded powers of 10
         lengths = sorted({int(x) for line in ax.get_lines() for x in line.get_xdata()})
@@ -409,22 +453,42 @@ def plot(out_dir: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--shape", action="append", default=[], metavar="B,L,PASS,CAUSAL",
-                        help="time only these shapes, e.g. 8,512,fwd,0 (repeatable)")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="B,L,PASS,CAUSAL",
+        help="time only these shapes, e.g. 8,512,fwd,0 (repeatable)",
+    )
     parser.add_argument("--memory", action="store_true", help="peak RSS vs L instead of time")
-    parser.add_argument("--lengths", type=int, nargs="*",
-                        default=[2048, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[2048, 4096, 8192, 16384, 32768, 65536])
     parser.add_argument("--causal", action="store_true", help="memory mode: causal attention")
     parser.add_argument("--cap-gib", type=float, default=16.0)
     parser.add_argument("--timeout", type=int, default=900, help="memory mode: s per point")
-    parser.add_argument("--train-step", action="store_true",
-                        help="train steps/s of train_toy.py's model: ours vs flax.nnx.MultiHeadAttention")
-    parser.add_argument("--config", type=Path, default=Path("configs/recall.yaml"),
-                        help="train-step mode: the training config (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="train-step mode: override a config field (repeatable)")
-    parser.add_argument("--steps-per-round", type=int, default=20,
-                        help="train-step mode: steps timed in each round (default: %(default)s)")
+    parser.add_argument(
+        "--train-step",
+        action="store_true",
+        help="train steps/s of train_toy.py's model: ours vs flax.nnx.MultiHeadAttention",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path("configs/recall.yaml"),
+        help="train-step mode: the training config (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="train-step mode: override a config field (repeatable)",
+    )
+    parser.add_argument(
+        "--steps-per-round",
+        type=int,
+        default=20,
+        help="train-step mode: steps timed in each round (default: %(default)s)",
+    )
     parser.add_argument("--rounds", type=int, help="timed rounds (default: 15; 7 in train-step mode)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
@@ -441,8 +505,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     include_torch = not args.no_torch and torch_available()
     if args.memory:
-        run_memory_mode(args.lengths, args.cap_gib, args.causal, include_torch, args.out,
-                        args.timeout)
+        run_memory_mode(args.lengths, args.cap_gib, args.causal, include_torch, args.out, args.timeout)
     else:
         shapes = QUICK if args.quick else SHAPES
         if args.shape:

@@ -24,8 +24,7 @@ def use_cjk_font() -> str:
     return name
 
 
-def heatmap(weights, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
-            path: Path) -> Path:  # fmt: skip
+def heatmap(weights, row_labels: Sequence[str], col_labels: Sequence[str], title: str, path: Path) -> Path:
     """`weights [Lq, Lk]` as an image: row i = how query token i spreads its attention."""
     use_cjk_font()
     width = max(4.0, 0.42 * len(col_labels) + 3.0)

@@ -46,8 +46,10 @@ def files_of(run_dir: Path):
         inside, here = path.absolute(), run_dir.absolute()
         if not (inside.is_relative_to(here) or here.is_relative_to(inside)):
             raise
-        raise CheckpointError(f"{path} must be writable (the run directory {run_dir} keeps the "
-                              f"run's files); got {error.strerror or error}") from error
+        raise CheckpointError(
+            f"{path} must be writable (the run directory {run_dir} keeps the "
+            f"run's files); got {error.strerror or error}"
+        ) from error
 
 
 def _tell(message: str) -> None:
@@ -84,14 +86,15 @@ def prepare_run_dir(cfg: Config, run_dir: Path | None, resume: Path | None) -> P
     if run_dir is None:
         run_dir = Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume {run_dir} to "
-                              "continue it, or choose another --run-dir")  # fmt: skip
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints: pass --resume {run_dir} to "
+            "continue it, or choose another --run-dir"
+        )
     with files_of(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(run_dir, cfg)  # the first write: an unwritable directory fails here
         if (run_dir / "metrics.jsonl").exists():  # of an attempt that saved no checkpoint
-            _tell(f"note: {run_dir / 'metrics.jsonl'} of an earlier attempt without checkpoints "
-                  "is replaced")  # fmt: skip
+            _tell(f"note: {run_dir / 'metrics.jsonl'} of an earlier attempt without checkpoints is replaced")
             (run_dir / "metrics.jsonl").unlink()
     return run_dir
 
@@ -106,8 +109,10 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
 
 def log_metrics(history: list[dict], run_dir: Path, step: int, split: str, metrics) -> dict:
     """Append the record of `metrics` (host values) at `step` to `history` and metrics.jsonl."""
-    record = {"step": step, **{f"{split}_{k}" if split == "eval" else k: float(v)
-                               for k, v in metrics.items()}}  # fmt: skip
+    record = {
+        "step": step,
+        **{f"{split}_{k}" if split == "eval" else k: float(v) for k, v in metrics.items()},
+    }
     history.append(record)
     with files_of(run_dir), open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -129,11 +134,15 @@ def read_history(run_dir: Path, upto: int) -> list[dict]:
             record = None
         if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
             if number == len(lines):
-                _tell(f"warning: dropped the last line of {path}, which is not a whole record "
-                      f"(a write cut short?): {line[:80]!r}")  # fmt: skip
+                _tell(
+                    f"warning: dropped the last line of {path}, which is not a whole record "
+                    f"(a write cut short?): {line[:80]!r}"
+                )
                 break
-            raise CheckpointError(f"line {number} of {path} must be a JSON record with a step; "
-                                  f"got {line[:80]!r} (repair or delete it to resume)")  # fmt: skip
+            raise CheckpointError(
+                f"line {number} of {path} must be a JSON record with a step; "
+                f"got {line[:80]!r} (repair or delete it to resume)"
+            )
         if record["step"] <= upto:
             history.append(record)
     path.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -145,22 +154,24 @@ def read_history(run_dir: Path, upto: int) -> list[dict]:
 
 
 def checkpoint_manager(run_dir: Path, cfg: Config) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=False)  # fmt: skip
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_checkpoints, create=True, enable_async_checkpointing=False
+    )
     return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
 
 
 def all_finite(tree) -> bool:
-    return bool(jax.tree.reduce(lambda a, b: a & b,
-                                jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)))  # fmt: skip
+    return bool(jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)))
 
 
 def diverged(step: int, manager: ocp.CheckpointManager, run_dir: Path) -> NonFiniteLoss:
     """The error to stop with when the loss or the parameters are no longer finite."""
     last = manager.latest_step()
     kept = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint"
-    return NonFiniteLoss(f"training diverged: non-finite loss or parameters by step {step}; "
-                         f"{kept} in {run_dir / 'checkpoints'} (try a lower learning_rate)")  # fmt: skip
+    return NonFiniteLoss(
+        f"training diverged: non-finite loss or parameters by step {step}; "
+        f"{kept} in {run_dir / 'checkpoints'} (try a lower learning_rate)"
+    )
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, run_dir: Path) -> None:
@@ -188,12 +199,13 @@ def restore_latest(manager: ocp.CheckpointManager, like: tuple, run_dir: Path) -
             failures.append((step, _reason(error)))
             continue
         for skipped, reason in failures:
-            _tell(f"warning: the checkpoint at step {skipped} in {where} could not be read "
-                  f"({reason}); restoring step {step} instead")  # fmt: skip
+            _tell(
+                f"warning: the checkpoint at step {skipped} in {where} could not be read "
+                f"({reason}); restoring step {step} instead"
+            )
         return restored if isinstance(restored, type(like)) else type(like)(*restored)
     details = "; ".join(f"step {skipped} ({reason})" for skipped, reason in failures)
-    raise CheckpointError(f"the checkpoints in {where} could not be read: {details}; "
-                          "nothing was overwritten")  # fmt: skip
+    raise CheckpointError(f"the checkpoints in {where} could not be read: {details}; nothing was overwritten")
 
 
 def set_aside_newer(manager: ocp.CheckpointManager, step: int, run_dir: Path) -> None:
@@ -213,19 +225,23 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int, run_dir: Path) ->
 # Resume
 
 
-def resume_state(cfg: Config, manager: ocp.CheckpointManager, like: tuple,
-                 run_dir: Path) -> tuple[tuple, list[dict]]:  # fmt: skip
+def resume_state(
+    cfg: Config, manager: ocp.CheckpointManager, like: tuple, run_dir: Path
+) -> tuple[tuple, list[dict]]:
     """The state and history to continue from. The run directory changes only once the
     resume is sure: a refused one leaves it as it was."""
     state = restore_latest(manager, like, run_dir)
     step, saved_steps = int(state.step), saved_config(run_dir).steps
     if cfg.steps < step:
-        raise ConfigError(f"steps must be at least the restored step {step} to resume {run_dir}; "
-                          f"got {cfg.steps}")  # fmt: skip
+        raise ConfigError(
+            f"steps must be at least the restored step {step} to resume {run_dir}; got {cfg.steps}"
+        )
     history = read_history(run_dir, upto=step)
     if cfg.steps != saved_steps:
-        _tell(f"note: resuming with steps={cfg.steps} (was {saved_steps}): the learning-rate "
-              f"schedule spans steps, so from step {step} on it differs from the saved run's")
+        _tell(
+            f"note: resuming with steps={cfg.steps} (was {saved_steps}): the learning-rate "
+            f"schedule spans steps, so from step {step} on it differs from the saved run's"
+        )
     set_aside_newer(manager, step, run_dir)
     _write_config(run_dir, cfg)
     return state, history

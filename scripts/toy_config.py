@@ -65,13 +65,30 @@ class Config:
 
 
 # Fields that decide the shapes of the parameters: a resume must keep them.
-MODEL_FIELDS = ("task", "d_model", "num_heads", "num_keys", "num_values", "num_pairs",
-                "num_queries", "seq_len", "vocab_size")  # fmt: skip
+MODEL_FIELDS = (
+    "task",
+    "d_model",
+    "num_heads",
+    "num_keys",
+    "num_values",
+    "num_pairs",
+    "num_queries",
+    "seq_len",
+    "vocab_size",
+)
 # A resume continues the same run: every other field keeps its saved value too,
 # except these, which change how the run is computed or watched, not what it computes
 # (`steps` stretches the learning-rate schedule, and the script says so).
-RESUME_MAY_CHANGE = ("steps", "implementation", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "num_heatmaps", "target")  # fmt: skip
+RESUME_MAY_CHANGE = (
+    "steps",
+    "implementation",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_heatmaps",
+    "target",
+)
 
 
 class ConfigError(ValueError):
@@ -101,9 +118,7 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
             return kind(value)
         raise ValueError
     except ValueError:
-        raise ConfigError(
-            f"config field {name!r} must be of type {kind.__name__}; got {value!r}"
-        ) from None
+        raise ConfigError(f"config field {name!r} must be of type {kind.__name__}; got {value!r}") from None
 
 
 def make_config(values: dict[str, Any]) -> Config:
@@ -131,8 +146,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of config keys; "
-                          f"got a {type(loaded).__name__}")  # fmt: skip
+        raise ConfigError(
+            f"config file {path} must hold a mapping of config keys; got a {type(loaded).__name__}"
+        )
     return loaded
 
 
@@ -152,57 +168,92 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
 
 def check_config(cfg: Config) -> None:
     """Impossible settings fail here, before anything is compiled."""
+
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
 
     for name, kind in typing.get_type_hints(Config).items():  # a Config made in Python, too
         value = getattr(cfg, name)
-        need(_has_type(value, kind),
-             f"config field {name!r} must be of type {kind.__name__}; got {value!r}")
+        need(_has_type(value, kind), f"config field {name!r} must be of type {kind.__name__}; got {value!r}")
     need(cfg.task in TASKS, f"task must be one of {sorted(TASKS)}; got {cfg.task!r}")
-    need(cfg.implementation in mha_jax.IMPLEMENTATIONS,
-         f"implementation must be one of {list(mha_jax.IMPLEMENTATIONS)}; "
-         f"got {cfg.implementation!r}")  # fmt: skip
-    for name in ("d_model", "num_heads", "num_keys", "num_values", "num_pairs", "num_queries",
-                 "seq_len", "vocab_size", "steps", "batch_size", "log_every", "eval_every",
-                 "eval_size", "checkpoint_every", "keep_checkpoints"):  # fmt: skip
+    need(
+        cfg.implementation in mha_jax.IMPLEMENTATIONS,
+        f"implementation must be one of {list(mha_jax.IMPLEMENTATIONS)}; got {cfg.implementation!r}",
+    )
+    for name in (
+        "d_model",
+        "num_heads",
+        "num_keys",
+        "num_values",
+        "num_pairs",
+        "num_queries",
+        "seq_len",
+        "vocab_size",
+        "steps",
+        "batch_size",
+        "log_every",
+        "eval_every",
+        "eval_size",
+        "checkpoint_every",
+        "keep_checkpoints",
+    ):
         need(getattr(cfg, name) > 0, f"{name} must be positive; got {getattr(cfg, name)}")
-    need(cfg.d_model % cfg.num_heads == 0,
-         f"d_model must be divisible by num_heads={cfg.num_heads}; got {cfg.d_model}")
-    need(cfg.num_pairs <= cfg.num_keys,
-         f"num_pairs must be at most num_keys={cfg.num_keys} (keys in a sequence are distinct); "
-         f"got {cfg.num_pairs}")  # fmt: skip
-    need(cfg.num_queries <= cfg.num_pairs,
-         f"num_queries must be at most num_pairs={cfg.num_pairs}; got {cfg.num_queries}")
-    need(0 <= cfg.warmup_steps < cfg.steps,
-         f"warmup_steps must lie in [0, steps={cfg.steps}); got {cfg.warmup_steps}")
-    need(0 < cfg.learning_rate < math.inf,
-         f"learning_rate must be positive and finite; got {cfg.learning_rate}")
-    need(0 <= cfg.weight_decay < math.inf,
-         f"weight_decay must be non-negative and finite (0 turns it off); got {cfg.weight_decay}")
-    need(cfg.clip_norm > 0, f"clip_norm must be positive (the largest global gradient norm; inf "
-                            f"turns clipping off); got {cfg.clip_norm}")  # fmt: skip
+    need(
+        cfg.d_model % cfg.num_heads == 0,
+        f"d_model must be divisible by num_heads={cfg.num_heads}; got {cfg.d_model}",
+    )
+    need(
+        cfg.num_pairs <= cfg.num_keys,
+        f"num_pairs must be at most num_keys={cfg.num_keys} (keys in a sequence are distinct); "
+        f"got {cfg.num_pairs}",
+    )
+    need(
+        cfg.num_queries <= cfg.num_pairs,
+        f"num_queries must be at most num_pairs={cfg.num_pairs}; got {cfg.num_queries}",
+    )
+    need(
+        0 <= cfg.warmup_steps < cfg.steps,
+        f"warmup_steps must lie in [0, steps={cfg.steps}); got {cfg.warmup_steps}",
+    )
+    need(
+        0 < cfg.learning_rate < math.inf,
+        f"learning_rate must be positive and finite; got {cfg.learning_rate}",
+    )
+    need(
+        0 <= cfg.weight_decay < math.inf,
+        f"weight_decay must be non-negative and finite (0 turns it off); got {cfg.weight_decay}",
+    )
+    need(
+        cfg.clip_norm > 0,
+        f"clip_norm must be positive (the largest global gradient norm; inf "
+        f"turns clipping off); got {cfg.clip_norm}",
+    )
     need(cfg.num_heatmaps <= cfg.eval_size, "num_heatmaps must be at most eval_size")
     devices = jax.device_count()
-    need(cfg.batch_size % devices == 0,
-         f"batch_size must be divisible by the device count {devices}; got {cfg.batch_size}")
+    need(
+        cfg.batch_size % devices == 0,
+        f"batch_size must be divisible by the device count {devices}; got {cfg.batch_size}",
+    )
 
 
 def check_resume(saved: Config, cfg: Config, run_dir: Path) -> None:
     """A resume of `run_dir` (last run with `saved`) must continue the same run: only the
     fields in RESUME_MAY_CHANGE may differ. (That `steps` stays at or above the restored
     step is checked once the checkpoint is read.)"""
-    changed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_MAY_CHANGE
-               and getattr(saved, f.name) != getattr(cfg, f.name)]  # fmt: skip
+    changed = [
+        f.name
+        for f in dataclasses.fields(Config)
+        if f.name not in RESUME_MAY_CHANGE and getattr(saved, f.name) != getattr(cfg, f.name)
+    ]
     if not changed:
         return
-    detail = lambda fields: ", ".join(
-        f"{f}: {getattr(saved, f)!r} -> {getattr(cfg, f)!r}" for f in fields)  # fmt: skip
+    detail = lambda fields: ", ".join(f"{f}: {getattr(saved, f)!r} -> {getattr(cfg, f)!r}" for f in fields)
     shape = [f for f in changed if f in MODEL_FIELDS]
     rest = [f for f in changed if f not in MODEL_FIELDS]
     what = ([f"the model shape ({detail(shape)})"] if shape else []) + (
-        [f"what the run computes ({detail(rest)})"] if rest else [])  # fmt: skip
+        [f"what the run computes ({detail(rest)})"] if rest else []
+    )
     raise ConfigError(
         f"cannot resume {run_dir}: the config changes {' and '.join(what)}; a resumed run "
         f"must keep every field saved in {run_dir / 'config.yaml'} except "

@@ -35,8 +35,9 @@ def reference_weights(cfg: Config, params: dict, batch) -> jax.Array:
 
 def draw_pictures(cfg: Config, run_dir: Path, history: list[dict], params: dict, eval_set) -> None:
     """curves.png, and heatmap_<b>.png of the most decided head for the first held-out examples."""
-    keys = ["loss", "eval_loss"] + (["relative_error", "eval_relative_error"]
-                                    if cfg.task == "teacher" else ["accuracy", "eval_accuracy"])
+    keys = ["loss", "eval_loss"] + (
+        ["relative_error", "eval_relative_error"] if cfg.task == "teacher" else ["accuracy", "eval_accuracy"]
+    )
     curves(history, keys, run_dir / "curves.png", f"{cfg.task}: training and held-out metrics")
     _, _, labels_for = TASKS[cfg.task]
     count = cfg.num_heatmaps
@@ -45,8 +46,13 @@ def draw_pictures(cfg: Config, run_dir: Path, history: list[dict], params: dict,
     for b in range(count):
         head = int(weights[b].max(-1).mean(-1).argmax())  # the most decided head
         rows, cols = labels_for(cfg, examples, b)
-        heatmap(weights[b, head], rows, cols, f"{cfg.task}, held-out example {b}, head {head}",
-                run_dir / f"heatmap_{b}.png")  # fmt: skip
+        heatmap(
+            weights[b, head],
+            rows,
+            cols,
+            f"{cfg.task}, held-out example {b}, head {head}",
+            run_dir / f"heatmap_{b}.png",
+        )
 
 
 def summary(cfg: Config, history: list[dict], steps: int, seconds: float, run_dir: Path) -> str:
@@ -56,6 +62,8 @@ def summary(cfg: Config, history: list[dict], steps: int, seconds: float, run_di
     final = evals[-1][metric] if evals else float("nan")
     reached = final <= cfg.target if cfg.task == "teacher" else final >= cfg.target
     sign = "<=" if cfg.task == "teacher" else ">="
-    return (f"done: {steps} steps in {seconds:.1f} s ({steps / seconds:.1f} steps/s); held-out "
-            f"{metric.removeprefix('eval_')} {final:.4g} ({'reached' if reached else 'MISSED'} "
-            f"target {sign} {cfg.target}); run directory {run_dir}")  # fmt: skip
+    return (
+        f"done: {steps} steps in {seconds:.1f} s ({steps / seconds:.1f} steps/s); held-out "
+        f"{metric.removeprefix('eval_')} {final:.4g} ({'reached' if reached else 'MISSED'} "
+        f"target {sign} {cfg.target}); run directory {run_dir}"
+    )

@@ -95,8 +95,9 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps, end_value=cfg.learning_rate * 0.01
     )
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                       optax.adamw(schedule, weight_decay=cfg.weight_decay))  # fmt: skip
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -124,8 +125,7 @@ def make_steps(cfg: Config, graphdef, optimizer, shardings):
         return loss_and_metrics(cfg.task, outputs, batch)[1]
 
     state_sharding, data_sharding = shardings
-    train_step = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
-                         donate_argnums=0)  # fmt: skip
+    train_step = jax.jit(train_step, in_shardings=(state_sharding, data_sharding), donate_argnums=0)
     batches = jax.jit(lambda step: batch_for_step(cfg, step), out_shardings=data_sharding)
     return train_step, jax.jit(evaluate), batches
 
@@ -142,8 +142,14 @@ def shardings_for(state: TrainState):
 # Loop
 
 
-def main(cfg: Config, *, run_dir: Path | None = None, resume: Path | None = None,
-         quiet: bool = False, stop_at: int | None = None) -> list[dict]:  # fmt: skip
+def main(
+    cfg: Config,
+    *,
+    run_dir: Path | None = None,
+    resume: Path | None = None,
+    quiet: bool = False,
+    stop_at: int | None = None,
+) -> list[dict]:
     """Train; return the logged history (one dict per log or eval point).
 
     `stop_at` ends the loop early as an interruption would (for tests).
@@ -159,17 +165,19 @@ def main(cfg: Config, *, run_dir: Path | None = None, resume: Path | None = None
             state, history = resume_state(cfg, manager, state, run_dir)
     state_sharding, data_sharding = shardings_for(state)
     state = jax.device_put(state, state_sharding)
-    train_step, evaluate, batches = make_steps(cfg, graphdef, optimizer,
-                                               (state_sharding, data_sharding))  # fmt: skip
+    train_step, evaluate, batches = make_steps(cfg, graphdef, optimizer, (state_sharding, data_sharding))
     eval_set = jax.device_put(held_out_set(cfg), data_sharding)
 
     stop_signal = {}
-    handlers = {s: signal.signal(s, lambda signum, _: stop_signal.setdefault("signal", signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    handlers = {
+        s: signal.signal(s, lambda signum, _: stop_signal.setdefault("signal", signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
     start_step, start_time = int(state.step), time.perf_counter()
     last = min(cfg.steps, stop_at or cfg.steps)
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=quiet, unit="step",
-               desc=cfg.task, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=cfg.steps, initial=start_step, disable=quiet, unit="step", desc=cfg.task, dynamic_ncols=True
+    )
     metrics = None
     try:
         for step in range(start_step, last):
@@ -184,8 +192,9 @@ def main(cfg: Config, *, run_dir: Path | None = None, resume: Path | None = None
                 if quiet:
                     print(json.dumps(record), flush=True)
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                record = log_metrics(history, run_dir, done, "eval", jax.device_get(
-                    evaluate(state.params, eval_set)))  # fmt: skip
+                record = log_metrics(
+                    history, run_dir, done, "eval", jax.device_get(evaluate(state.params, eval_set))
+                )
                 if quiet:
                     print(json.dumps(record), flush=True)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -204,8 +213,11 @@ def main(cfg: Config, *, run_dir: Path | None = None, resume: Path | None = None
         manager.close()
     if "signal" in stop_signal:
         name = signal.Signals(stop_signal["signal"]).name
-        print(f"{name} received: checkpoint saved at step {int(state.step)} in {run_dir}; "
-              f"continue with --resume {run_dir}", flush=True)  # fmt: skip
+        print(
+            f"{name} received: checkpoint saved at step {int(state.step)} in {run_dir}; "
+            f"continue with --resume {run_dir}",
+            flush=True,
+        )
         history.append(dict(step=int(state.step), interrupted=name))
         return history
 
@@ -219,14 +231,25 @@ def main(cfg: Config, *, run_dir: Path | None = None, resume: Path | None = None
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train Wq, Wk, Wv on a toy task.")
-    parser.add_argument("--config", type=Path,
-                        help="YAML config (default: configs/recall.yaml, or RUN_DIR/config.yaml "
-                             "with --resume)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable); keeps the field's type")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="YAML config (default: configs/recall.yaml, or RUN_DIR/config.yaml with --resume)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable); keeps the field's type",
+    )
     parser.add_argument("--run-dir", type=Path, help="default: runs/<task>-<timestamp>")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                        help="continue RUN_DIR from its last checkpoint (uses its config.yaml)")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last checkpoint (uses its config.yaml)",
+    )
     parser.add_argument("--quiet", action="store_true", help="JSON log lines, no progress bar")
     return parser.parse_args(argv)
 
@@ -237,8 +260,9 @@ def cli(argv: list[str] | None = None) -> int | str:
     try:
         if args.resume is not None and args.config is None:
             saved_config(args.resume)  # says so when RUN_DIR is not a run directory
-        config_path = args.config or (args.resume / "config.yaml" if args.resume
-                                      else Path("configs/recall.yaml"))  # fmt: skip
+        config_path = args.config or (
+            args.resume / "config.yaml" if args.resume else Path("configs/recall.yaml")
+        )
         cfg = load_config(config_path, args.set)
         history = main(cfg, run_dir=args.run_dir, resume=args.resume, quiet=args.quiet)
         interrupted = history and history[-1].get("interrupted")

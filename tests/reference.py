@@ -18,8 +18,18 @@ def normal(seed, shape, dtype="float32"):
     return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
 
 
-def visible_np(length_q, length_k, *, num_heads, mask=None, bias=None, is_causal=False,
-               q_offset=0, kv_length=None, window=None):
+def visible_np(
+    length_q,
+    length_k,
+    *,
+    num_heads,
+    mask=None,
+    bias=None,
+    is_causal=False,
+    q_offset=0,
+    kv_length=None,
+    window=None,
+):
     """`[H, Lq, Lk]` bool: may query i see key j in head h? Loops, not tricks."""
     if isinstance(window, int):
         window = (window, window)
@@ -40,19 +50,31 @@ def visible_np(length_q, length_k, *, num_heads, mask=None, bias=None, is_causal
     return allowed
 
 
-def core_np(q, k, v, *, mask=None, bias=None, is_causal=False, q_offset=0, kv_length=None,
-            window=None, scale=None):
+def core_np(
+    q, k, v, *, mask=None, bias=None, is_causal=False, q_offset=0, kv_length=None, window=None, scale=None
+):
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk])` in float64."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     length_q, num_heads, head_dim = q.shape
     length_k, num_kv_heads = k.shape[:2]
     group = num_heads // num_kv_heads
     scale = 1.0 / np.sqrt(head_dim) if scale is None else float(scale)
-    allowed = visible_np(length_q, length_k, num_heads=num_heads, mask=mask, bias=bias,
-                         is_causal=is_causal, q_offset=q_offset, kv_length=kv_length,
-                         window=window)
-    bias = np.zeros((num_heads, length_q, length_k)) if bias is None else np.broadcast_to(
-        np.asarray(bias, np.float64), (num_heads, length_q, length_k))
+    allowed = visible_np(
+        length_q,
+        length_k,
+        num_heads=num_heads,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        q_offset=q_offset,
+        kv_length=kv_length,
+        window=window,
+    )
+    bias = (
+        np.zeros((num_heads, length_q, length_k))
+        if bias is None
+        else np.broadcast_to(np.asarray(bias, np.float64), (num_heads, length_q, length_k))
+    )
     heads = np.zeros((length_q, num_heads, head_dim))
     weights = np.zeros((num_heads, length_q, length_k))
     for h in range(num_heads):
@@ -68,8 +90,20 @@ def core_np(q, k, v, *, mask=None, bias=None, is_causal=False, q_offset=0, kv_le
     return heads, weights
 
 
-def attention_np(params, x_q, x_kv=None, *, num_heads, mask=None, bias=None,
-                 is_causal=False, q_offset=0, kv_length=None, window=None, scale=None):
+def attention_np(
+    params,
+    x_q,
+    x_kv=None,
+    *,
+    num_heads,
+    mask=None,
+    bias=None,
+    is_causal=False,
+    q_offset=0,
+    kv_length=None,
+    window=None,
+    scale=None,
+):
     """One example, float64. Returns (out [Lq, D_out], weights [H, Lq, Lk])."""
     f64 = lambda a: None if a is None else np.asarray(a, dtype=np.float64)
     x_q = f64(x_q)
@@ -82,7 +116,17 @@ def attention_np(params, x_q, x_kv=None, *, num_heads, mask=None, bias=None,
     q = split(x_q @ w_q + b(params.b_q, w_q.shape[1]), num_heads)
     k = split(x_kv @ w_k + b(params.b_k, w_k.shape[1]), num_kv)
     v = split(x_kv @ w_v + b(params.b_v, w_v.shape[1]), num_kv)
-    heads, weights = core_np(q, k, v, mask=mask, bias=bias, is_causal=is_causal,
-                             q_offset=q_offset, kv_length=kv_length, window=window, scale=scale)
+    heads, weights = core_np(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        q_offset=q_offset,
+        kv_length=kv_length,
+        window=window,
+        scale=scale,
+    )
     out = heads.reshape(heads.shape[0], -1) @ w_o + b(params.b_o, w_o.shape[1])
     return out, weights

@@ -49,18 +49,23 @@ def finite(tree) -> bool:
 
 
 def layer(seed=0, d_model=16, num_heads=4, num_kv_heads=2):
-    params = mj.init_params(jax.random.PRNGKey(seed), d_model, num_heads,
-                            num_kv_heads=num_kv_heads)  # fmt: skip
+    params = mj.init_params(jax.random.PRNGKey(seed), d_model, num_heads, num_kv_heads=num_kv_heads)
     # non-zero biases so that a dropped bias cannot pass
-    return params._replace(**{n: normal(seed + i + 1, getattr(params, n).shape)
-                              for i, n in enumerate(("b_q", "b_k", "b_v", "b_o"))})  # fmt: skip
+    return params._replace(
+        **{
+            n: normal(seed + i + 1, getattr(params, n).shape)
+            for i, n in enumerate(("b_q", "b_k", "b_v", "b_o"))
+        }
+    )
 
 
 def qkv(seed, length_q, length_k, num_heads=4, num_kv_heads=2, head_dim=8, dtype=jnp.float32):
     rngs = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return (jax.random.normal(rngs[0], (length_q, num_heads, head_dim), dtype),
-            jax.random.normal(rngs[1], (length_k, num_kv_heads, head_dim), dtype),
-            jax.random.normal(rngs[2], (length_k, num_kv_heads, head_dim), dtype))  # fmt: skip
+    return (
+        jax.random.normal(rngs[0], (length_q, num_heads, head_dim), dtype),
+        jax.random.normal(rngs[1], (length_k, num_kv_heads, head_dim), dtype),
+        jax.random.normal(rngs[2], (length_k, num_kv_heads, head_dim), dtype),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -84,13 +89,16 @@ def test_minus_inf_bias_over_leading_key_blocks_stays_finite():
 def test_minus_inf_bias_blocks_in_the_blockwise_kernel_with_small_blocks():
     q, k, v = qkv(0, 20, 40)
     bias = jnp.zeros((20, 40)).at[:, :17].set(-jnp.inf).at[:, 30:].set(-jnp.inf)
-    run = lambda name: lambda q, k, v: core(name, q, k, v, bias=bias,
-                                            block_sizes=(8, 8) if name == "blockwise" else None)
+    run = lambda name: (
+        lambda q, k, v: core(name, q, k, v, bias=bias, block_sizes=(8, 8) if name == "blockwise" else None)
+    )
     grad = lambda f: jax.jit(jax.grad(lambda *a: (f(*a) ** 2).sum(), argnums=(0, 1, 2)))
-    np.testing.assert_allclose(jax.jit(run("blockwise"))(q, k, v), core_np(q, k, v, bias=bias)[0],
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
-    chex.assert_trees_all_close(grad(run("blockwise"))(q, k, v), grad(run("reference"))(q, k, v),
-                                rtol=1e-4, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        jax.jit(run("blockwise"))(q, k, v), core_np(q, k, v, bias=bias)[0], rtol=1e-5, atol=1e-5
+    )
+    chex.assert_trees_all_close(
+        grad(run("blockwise"))(q, k, v), grad(run("reference"))(q, k, v), rtol=1e-4, atol=1e-4
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -105,10 +113,16 @@ def test_kv_length_beyond_lk_means_no_padding(name):
 
     def run(kv_length):
         def f(q, k, v, kv_length=kv_length):
-            return core(name, q, k, v, structure=Structure(kv_length=kv_length),
-                        block_sizes=(8, 8) if name == "blockwise" else None)  # fmt: skip
-        return jax.jit(lambda *a: (f(*a), jax.grad(lambda *a: (f(*a) ** 2).sum(),
-                                                    argnums=(0, 1, 2))(*a)))  # fmt: skip
+            return core(
+                name,
+                q,
+                k,
+                v,
+                structure=Structure(kv_length=kv_length),
+                block_sizes=(8, 8) if name == "blockwise" else None,
+            )
+
+        return jax.jit(lambda *a: (f(*a), jax.grad(lambda *a: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(*a)))
 
     beyond, clean = run(jnp.int32(8))(q, k, v), run(None)(q, k, v)
     np.testing.assert_allclose(beyond[0], core_np(q, k, v)[0], rtol=1e-5, atol=1e-5)
@@ -122,8 +136,9 @@ def test_kv_length_beyond_lk_in_a_batch_on_the_default_path():
     out = mj.batched_attention(params, x, num_heads=4, kv_length=jnp.array([600, 300]))
     expected = mj.batched_attention(params, x, num_heads=4, kv_length=jnp.array([520, 300]))
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(out[1], attention_np(params, x[1, :, :], num_heads=4,
-                                                    kv_length=300)[0], rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(
+        out[1], attention_np(params, x[1, :, :], num_heads=4, kv_length=300)[0], rtol=2e-4, atol=2e-4
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -134,8 +149,9 @@ X64_CASES = {
     "causal": dict(structure=dict(is_causal=True, q_offset=2)),
     "mask": dict(mask=True),
     "bias": dict(bias=True),
-    "everything": dict(mask=True, bias=True, structure=dict(is_causal=True, window=(4, 1),
-                                                            kv_length=11, q_offset=2)),
+    "everything": dict(
+        mask=True, bias=True, structure=dict(is_causal=True, window=(4, 1), kv_length=11, q_offset=2)
+    ),
 }
 
 
@@ -151,8 +167,9 @@ def test_blockwise_runs_under_x64_with_float32_inputs(case):
         structure = Structure(**options.get("structure", {}))
 
         def run(q, k, v, bias):
-            return mj.blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure,
-                                          block_sizes=(8, 8))  # fmt: skip
+            return mj.blockwise_attention(
+                q, k, v, mask=mask, bias=bias, structure=structure, block_sizes=(8, 8)
+            )
 
         expected, _ = core_np(q, k, v, mask=mask, bias=bias, **options.get("structure", {}))
         out = run(q, k, v, bias)  # eagerly, as a user calls it (this is what crashed)
@@ -191,8 +208,11 @@ def test_implementations_that_compute_in_float32_refuse_float64():
         params = jax.tree.map(lambda p: p.astype(jnp.float64), layer())
         x = normal(8, (5, 16), jnp.float64)
         for name in ("xla", "pallas"):
-            with pytest.raises(ValueError, match=rf'implementation="{name}" cannot.*compute in '
-                                                 r"float64 \(its softmax runs in float32\)"):  # fmt: skip
+            with pytest.raises(
+                ValueError,
+                match=rf'implementation="{name}" cannot.*compute in '
+                r"float64 \(its softmax runs in float32\)",
+            ):
                 mj.attention(params, x, num_heads=4, implementation=name)
 
 
@@ -222,8 +242,7 @@ def test_nan_in_positions_hidden_by_structure_does_not_leak(case):
     poisoned_kv = jnp.where(keys[:, None], x_kv, jnp.nan)
     for name in IMPLEMENTATIONS:
         clean, _ = jattention(params, x_q, x_kv, num_heads=4, implementation=name, **options)
-        out, grads = jattention(params, poisoned_q, poisoned_kv, num_heads=4,
-                                implementation=name, **options)  # fmt: skip
+        out, grads = jattention(params, poisoned_q, poisoned_kv, num_heads=4, implementation=name, **options)
         np.testing.assert_allclose(out, clean, rtol=1e-6, atol=1e-6, err_msg=name)
         assert finite(grads), name
 
@@ -234,8 +253,9 @@ def test_nan_in_keys_hidden_by_minus_inf_bias_does_not_leak():
     bias = jnp.zeros((5, 7)).at[:, 4:].set(-jnp.inf)
     expected, _ = attention_np(params, x_q, x_kv[:4], num_heads=4)
     for name in IMPLEMENTATIONS:
-        out, grads = jattention(params, x_q, x_kv.at[4:].set(jnp.nan), bias=bias, num_heads=4,
-                                implementation=name)  # fmt: skip
+        out, grads = jattention(
+            params, x_q, x_kv.at[4:].set(jnp.nan), bias=bias, num_heads=4, implementation=name
+        )
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=name)
         assert finite(grads), name
 
@@ -256,18 +276,19 @@ def test_low_precision_any_scale(dtype):
             if name == "xla" and dtype == jnp.float16:
                 continue  # refused on CPU: test_xla_refuses_float16_on_cpu
             out = jcore(name, q, k, v, scale=scale).astype(jnp.float32)
-            np.testing.assert_allclose(out, expected, rtol=2e-2, atol=2e-2,
-                                       err_msg=f"{name} scale={scale}")  # fmt: skip
+            np.testing.assert_allclose(out, expected, rtol=2e-2, atol=2e-2, err_msg=f"{name} scale={scale}")
 
 
 def test_xla_refuses_float16_on_cpu():
     """Found by running jax.nn's path under jit: its F16_F16_F32 dot is not
     supported by XLA's CPU backend (eager mode hides it behind a fallback)."""
     params = jax.tree.map(lambda p: p.astype(jnp.float16), layer())
-    with pytest.raises(ValueError, match=r'implementation="xla" cannot compute in float16 on '
-                                         r"backend 'cpu'"):  # fmt: skip
-        mj.batched_attention(params, jnp.ones((2, 5, 16), jnp.float16), num_heads=4,
-                             implementation="xla")  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r'implementation="xla" cannot compute in float16 on '
+        r"backend 'cpu'",
+    ):
+        mj.batched_attention(params, jnp.ones((2, 5, 16), jnp.float16), num_heads=4, implementation="xla")
 
 
 def test_zero_scale_gives_uniform_weights():
@@ -293,8 +314,7 @@ def test_zero_length_sequences_give_zero_heads(lengths):
         for options in cases:
             options = dict(options)
             mask = jnp.ones((length_q, length_k), bool) if options.pop("mask", False) else None
-            out, grads = jattention(params, x_q, x_kv, mask=mask, num_heads=4,
-                                    implementation=name, **options)  # fmt: skip
+            out, grads = jattention(params, x_q, x_kv, mask=mask, num_heads=4, implementation=name, **options)
             chex.assert_shape(out, (length_q, 16))
             np.testing.assert_allclose(out, jnp.broadcast_to(params.b_o, out.shape), rtol=1e-6)
             assert finite(grads), (name, options)
@@ -324,8 +344,9 @@ def test_row_with_only_minus_inf_bias_gives_zeros(with_mask):
     expected, _ = core_np(q, k, v, bias=bias, mask=mask)
     for name in IMPLEMENTATIONS:
         run = lambda q, k, v, name=name: core(name, q, k, v, bias=bias, mask=mask)
-        f = jax.jit(lambda *a, run=run: (run(*a), jax.grad(lambda *a: (run(*a) ** 2).sum(),
-                                                            argnums=(0, 1, 2))(*a)))  # fmt: skip
+        f = jax.jit(
+            lambda *a, run=run: (run(*a), jax.grad(lambda *a: (run(*a) ** 2).sum(), argnums=(0, 1, 2))(*a))
+        )
         out, grads = f(q, k, v)
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=name)
         np.testing.assert_array_equal(out[2], 0.0)
@@ -340,8 +361,7 @@ def test_row_with_only_minus_inf_bias_gives_zeros(with_mask):
 # The hunt: hostile draws, every implementation against the float64 spec
 
 SCALE = float(os.environ.get("MHA_JAX_EXAMPLES", "1"))
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-          "float64": jnp.float64}  # fmt: skip
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 # Worst-case relative rounding of one input or output element in each dtype.
 EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-8, "float16": 2.0**-11, "float64": 2.0**-52}
 
@@ -380,8 +400,16 @@ def hostile(draw):
     if draw(st.booleans()):
         mask = rng.random((num_heads, length_q, length_k)) < 0.7
     blocks = (draw(st.sampled_from([4, 8, 16])), draw(st.sampled_from([4, 8, 16])))
-    return dict(sizes=(length_q, length_k, num_heads, num_kv_heads, head_dim), dtype=dtype,
-                scale=scale, structure=structure, bias=bias, mask=mask, seed=seed, blocks=blocks)
+    return dict(
+        sizes=(length_q, length_k, num_heads, num_kv_heads, head_dim),
+        dtype=dtype,
+        scale=scale,
+        structure=structure,
+        bias=bias,
+        mask=mask,
+        seed=seed,
+        blocks=blocks,
+    )
 
 
 def tolerance(p, q, k, v, expected_dtype_name):
@@ -390,10 +418,14 @@ def tolerance(p, q, k, v, expected_dtype_name):
     eps = EPS[expected_dtype_name]
     acc_eps = 2.0**-52 if expected_dtype_name == "float64" else 2.0**-23
     scale = abs(p["scale"] if p["scale"] is not None else q.shape[-1] ** -0.5)
-    qk = float(np.abs(np.asarray(q, np.float64)).max(initial=0)
-               * np.abs(np.asarray(k, np.float64)).max(initial=0)) * q.shape[-1]  # fmt: skip
-    bias_max = 0.0 if p["bias"] is None else float(np.abs(p["bias"][np.isfinite(p["bias"])]).max(
-        initial=0))  # fmt: skip
+    qk = (
+        float(
+            np.abs(np.asarray(q, np.float64)).max(initial=0)
+            * np.abs(np.asarray(k, np.float64)).max(initial=0)
+        )
+        * q.shape[-1]
+    )
+    bias_max = 0.0 if p["bias"] is None else float(np.abs(p["bias"][np.isfinite(p["bias"])]).max(initial=0))
     logit_error = 8 * acc_eps * (scale * qk + bias_max) + 4 * eps  # inputs to exp
     v_max = float(np.abs(np.asarray(v, np.float64)).max(initial=0))
     return v_max * (4 * eps + 2 * logit_error) + 1e-30
@@ -406,12 +438,35 @@ def run_hostile(p, name):
     mask = None if p["mask"] is None else jnp.asarray(p["mask"])
     bias = None if p["bias"] is None else jnp.asarray(p["bias"], jnp.float32)
     structure = Structure(**p["structure"])
-    out = jcore(name, q, k, v, mask=mask, bias=bias, structure=structure, scale=p["scale"],
-                block_sizes=p["blocks"] if name == "blockwise" else None)  # fmt: skip
-    expected, _ = core_np(q, k, v, mask=p["mask"], bias=None if bias is None else np.asarray(bias),
-                          scale=p["scale"], **p["structure"])  # fmt: skip
-    return q, k, v, np.asarray(out.astype(jnp.float64) if p["dtype"] == "float64"
-                               else out.astype(jnp.float32), np.float64), expected  # fmt: skip
+    out = jcore(
+        name,
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        structure=structure,
+        scale=p["scale"],
+        block_sizes=p["blocks"] if name == "blockwise" else None,
+    )
+    expected, _ = core_np(
+        q,
+        k,
+        v,
+        mask=p["mask"],
+        bias=None if bias is None else np.asarray(bias),
+        scale=p["scale"],
+        **p["structure"],
+    )
+    return (
+        q,
+        k,
+        v,
+        np.asarray(
+            out.astype(jnp.float64) if p["dtype"] == "float64" else out.astype(jnp.float32), np.float64
+        ),
+        expected,
+    )
 
 
 @settings(max_examples=int(10 * SCALE))
@@ -457,16 +512,21 @@ def test_nan_in_every_kind_of_hidden_position_never_leaks(draw):
     mask = jnp.asarray(rng.random((length_q, length_k)) < 0.6) if use_mask else None
     bias = None
     if use_bias:
-        bias = jnp.asarray(np.where(rng.random((4, length_q, length_k)) < 0.3, -np.inf,
-                                    rng.normal(size=(4, length_q, length_k))), jnp.float32)  # fmt: skip
+        bias = jnp.asarray(
+            np.where(
+                rng.random((4, length_q, length_k)) < 0.3, -np.inf, rng.normal(size=(4, length_q, length_k))
+            ),
+            jnp.float32,
+        )
     visible = mj.masks.combine(
-        Structure(**options).allows(jnp.arange(length_q), jnp.arange(length_k)), mask,
-        None if bias is None else (bias > -jnp.inf).any(0))  # fmt: skip
+        Structure(**options).allows(jnp.arange(length_q), jnp.arange(length_k)),
+        mask,
+        None if bias is None else (bias > -jnp.inf).any(0),
+    )
     poisoned_q = jnp.where(visible.any(1)[:, None], x_q, jnp.nan)
     poisoned_kv = jnp.where(visible.any(0)[:, None], x_kv, jnp.nan)
     for name in IMPLEMENTATIONS:
-        run = functools.partial(jattention, mask=mask, bias=bias, num_heads=4,
-                                implementation=name, **options)  # fmt: skip
+        run = functools.partial(jattention, mask=mask, bias=bias, num_heads=4, implementation=name, **options)
         out, grads = run(params, poisoned_q, poisoned_kv)
         np.testing.assert_allclose(out, run(params, x_q, x_kv)[0], rtol=1e-5, atol=1e-5)
         assert finite(grads), name

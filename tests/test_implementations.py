@@ -22,16 +22,24 @@ from mha_jax.kernels import Request
 from mha_jax.masks import Structure
 
 
-def core(name, q, k, v, *, mask=None, bias=None, structure=None, scale=None,
-         block_sizes=None):
+def core(name, q, k, v, *, mask=None, bias=None, structure=None, scale=None, block_sizes=None):
     """The kernel `name` on q, k, v: `kernels.attend`, the one call the library makes."""
     structure = Structure() if structure is None else structure
     if name == "blockwise" and block_sizes is not None:
-        return mj.blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure,
-                                      scale=scale, block_sizes=block_sizes)
-    return kernels.attend(q, k, v, mask=mask, bias=bias, structure=structure,
-                          options=mj.Options(scale=scale, implementation=name), rng=None,
-                          return_weights=False)[0]
+        return mj.blockwise_attention(
+            q, k, v, mask=mask, bias=bias, structure=structure, scale=scale, block_sizes=block_sizes
+        )
+    return kernels.attend(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        structure=structure,
+        options=mj.Options(scale=scale, implementation=name),
+        rng=None,
+        return_weights=False,
+    )[0]
 
 
 @st.composite
@@ -64,14 +72,30 @@ def problems(draw, allow_mask=True, allow_bias=True):
     k = jax.random.normal(rngs[1], (length_k, num_kv_heads, head_dim))
     v = jax.random.normal(rngs[2], (length_k, num_kv_heads, head_dim))
     blocks = (draw(st.sampled_from([4, 8, 16])), draw(st.sampled_from([4, 8, 16])))
-    return dict(q=q, k=k, v=v, mask=mask, bias=bias, structure=structure, blocks=blocks,
-                cotangent=jax.random.normal(rngs[5], q.shape))
+    return dict(
+        q=q,
+        k=k,
+        v=v,
+        mask=mask,
+        bias=bias,
+        structure=structure,
+        blocks=blocks,
+        cotangent=jax.random.normal(rngs[5], q.shape),
+    )
 
 
 def assert_matches_reference(name, p, rtol=2e-5, atol=2e-5, grads=True):
     def run(impl, q, k, v, bias):
-        return core(impl, q, k, v, mask=p["mask"], bias=bias, structure=p["structure"],
-                    block_sizes=p["blocks"] if impl == "blockwise" else None)
+        return core(
+            impl,
+            q,
+            k,
+            v,
+            mask=p["mask"],
+            bias=bias,
+            structure=p["structure"],
+            block_sizes=p["blocks"] if impl == "blockwise" else None,
+        )
 
     args = (p["q"], p["k"], p["v"], p["bias"])
     expected = run("reference", *args)
@@ -79,8 +103,7 @@ def assert_matches_reference(name, p, rtol=2e-5, atol=2e-5, grads=True):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
     if grads:
         argnums = (0, 1, 2) + ((3,) if p["bias"] is not None else ())
-        vjp = lambda impl: jax.grad(lambda *a: (run(impl, *a) * p["cotangent"]).sum(),
-                                    argnums=argnums)(*args)
+        vjp = lambda impl: jax.grad(lambda *a: (run(impl, *a) * p["cotangent"]).sum(), argnums=argnums)(*args)
         for a, b in zip(jax.jit(lambda: vjp(name))(), vjp("reference"), strict=True):
             np.testing.assert_allclose(a, b, rtol=10 * rtol, atol=10 * atol)
 
@@ -109,8 +132,16 @@ def test_pallas_interpret_matches_reference(is_causal, num_kv_heads):
     q = jax.random.normal(rngs[0], (32, 2, 16))
     k = jax.random.normal(rngs[1], (32, num_kv_heads, 16))
     v = jax.random.normal(rngs[2], (32, num_kv_heads, 16))
-    p = dict(q=q, k=k, v=v, mask=None, bias=None, structure=Structure(is_causal=is_causal),
-             blocks=None, cotangent=jax.random.normal(rngs[3], q.shape))
+    p = dict(
+        q=q,
+        k=k,
+        v=v,
+        mask=None,
+        bias=None,
+        structure=Structure(is_causal=is_causal),
+        blocks=None,
+        cotangent=jax.random.normal(rngs[3], q.shape),
+    )
     assert_matches_reference("pallas", p, rtol=1e-4, atol=1e-4)
 
 
@@ -122,8 +153,7 @@ def test_fully_masked_rows_are_zero_in_every_implementation(name):
     np.testing.assert_array_equal(out[2], 0.0)
     out = core(name, q, k, v, structure=Structure(kv_length=0))
     np.testing.assert_array_equal(out, 0.0)
-    grads = jax.grad(lambda q, k, v: core(name, q, k, v, mask=mask).sum(), argnums=(0, 1, 2))(
-        q, k, v)
+    grads = jax.grad(lambda q, k, v: core(name, q, k, v, mask=mask).sum(), argnums=(0, 1, 2))(q, k, v)
     assert all(jnp.all(jnp.isfinite(g)) for g in grads)
     np.testing.assert_array_equal(grads[0][2], 0.0)
 
@@ -144,17 +174,22 @@ def test_blockwise_under_vmap_matches_reference(traced_positions):
     def run(impl, q, k, v):
         def one(q, k, v, offset=3, length=17):  # the defaults are static Python ints
             structure = Structure(is_causal=True, q_offset=offset, kv_length=length)
-            return core(impl, q, k, v, structure=structure,
-                        block_sizes=(8, 8) if impl == "blockwise" else None)  # fmt: skip
+            return core(
+                impl, q, k, v, structure=structure, block_sizes=(8, 8) if impl == "blockwise" else None
+            )
 
         return jax.vmap(one)(q, k, v, *positions)
 
     loss = lambda impl: lambda *a: (run(impl, *a) * cotangent).sum()
-    np.testing.assert_allclose(jax.jit(functools.partial(run, "blockwise"))(q, k, v),
-                               run("reference", q, k, v), rtol=2e-5, atol=2e-5)  # fmt: skip
-    chex.assert_trees_all_close(jax.jit(jax.grad(loss("blockwise"), argnums=(0, 1, 2)))(q, k, v),
-                                jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v),
-                                rtol=2e-4, atol=2e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        jax.jit(functools.partial(run, "blockwise"))(q, k, v), run("reference", q, k, v), rtol=2e-5, atol=2e-5
+    )
+    chex.assert_trees_all_close(
+        jax.jit(jax.grad(loss("blockwise"), argnums=(0, 1, 2)))(q, k, v),
+        jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v),
+        rtol=2e-4,
+        atol=2e-4,
+    )
 
 
 @pytest.mark.parametrize("name", ["reference", "blockwise", "xla"])
@@ -165,15 +200,16 @@ def test_runs_inside_shard_map(name):
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
     params = mj.init_params(jax.random.PRNGKey(0), 24, 6, num_kv_heads=2)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 600, 24))
-    plain = functools.partial(mj.batched_attention, num_heads=6, is_causal=True,
-                              implementation=name)  # fmt: skip
+    plain = functools.partial(mj.batched_attention, num_heads=6, is_causal=True, implementation=name)
     spec = jax.sharding.PartitionSpec
-    sharded = jax.jit(jax.shard_map(plain, mesh=mesh, in_specs=(spec(), spec("data")),
-                                    out_specs=spec("data")))  # fmt: skip
+    sharded = jax.jit(
+        jax.shard_map(plain, mesh=mesh, in_specs=(spec(), spec("data")), out_specs=spec("data"))
+    )
     loss = lambda f: lambda params, x: (f(params, x) ** 2).sum()
     np.testing.assert_allclose(sharded(params, x), plain(params, x), rtol=1e-6, atol=1e-6)
-    chex.assert_trees_all_close(jax.grad(loss(sharded))(params, x),
-                                jax.grad(loss(plain))(params, x), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(
+        jax.grad(loss(sharded))(params, x), jax.grad(loss(plain))(params, x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_blockwise_composes_with_nested_vmap_checkpoint_and_export():
@@ -181,8 +217,10 @@ def test_blockwise_composes_with_nested_vmap_checkpoint_and_export():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 600, 24))  # [E, B, L, D]
 
     def layer(name):
-        return jax.vmap(functools.partial(mj.batched_attention, num_heads=6, is_causal=True,
-                                          implementation=name), in_axes=(None, 0))  # fmt: skip
+        return jax.vmap(
+            functools.partial(mj.batched_attention, num_heads=6, is_causal=True, implementation=name),
+            in_axes=(None, 0),
+        )
 
     expected = layer("reference")(params, x)
     np.testing.assert_allclose(layer("blockwise")(params, x), expected, rtol=1e-5, atol=1e-5)
@@ -221,12 +259,15 @@ def test_batch_sharded_by_jit_is_not_gathered():
 def test_end_to_end_options_match_reference(name):
     params = mj.init_params(jax.random.PRNGKey(0), 24, 6, num_kv_heads=2)
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 37, 24))
-    options = dict(num_heads=6, is_causal=True, kv_length=jnp.array([37, 20, 5]),
-                   q_offset=jnp.array([0, 3, -2]))
+    options = dict(
+        num_heads=6, is_causal=True, kv_length=jnp.array([37, 20, 5]), q_offset=jnp.array([0, 3, -2])
+    )
     np.testing.assert_allclose(
         mj.batched_attention(params, x, implementation=name, **options),
         mj.batched_attention(params, x, implementation="reference", **options),
-        rtol=2e-5, atol=2e-5)
+        rtol=2e-5,
+        atol=2e-5,
+    )
 
 
 @pytest.mark.parametrize("name", ["blockwise", "xla"])
@@ -237,8 +278,9 @@ def test_bf16_error_is_at_most_twice_the_reference_bf16_error(name):
     v = jax.random.normal(rngs[2], (300, 2, 32))
     structure = Structure(is_causal=True, q_offset=100)
     exact = core("reference", q, k, v, structure=structure)
-    low = lambda impl: core(impl, *(x.astype(jnp.bfloat16) for x in (q, k, v)),
-                            structure=structure).astype(jnp.float32)
+    low = lambda impl: core(impl, *(x.astype(jnp.bfloat16) for x in (q, k, v)), structure=structure).astype(
+        jnp.float32
+    )
     reference_error = float(jnp.abs(low("reference") - exact).max())
     error = float(jnp.abs(low(name) - exact).max())
     assert error <= 2 * reference_error + 1e-6, (error, reference_error)
@@ -246,8 +288,10 @@ def test_bf16_error_is_at_most_twice_the_reference_bf16_error(name):
 
 def temp_bytes(name, length):
     q = jax.ShapeDtypeStruct((length, 4, 64), jnp.float32)
+
     def loss(q, k, v):
         return core(name, q, k, v, structure=Structure(is_causal=True)).sum()
+
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -262,8 +306,10 @@ def test_blockwise_memory_grows_linearly_while_reference_grows_quadratically():
 
 def request(length=16, backend="cpu", dtype=jnp.float32, head_dim=8, **facts):
     """A Request for an [L, L] call; `facts` override the rest."""
-    facts = dict(structure=Structure(), has_mask=False, has_bias=False, dropout_rate=0.0,
-                 return_weights=False) | facts  # fmt: skip
+    facts = (
+        dict(structure=Structure(), has_mask=False, has_bias=False, dropout_rate=0.0, return_weights=False)
+        | facts
+    )
     return Request(backend, jnp.dtype(dtype), length, length, head_dim, **facts)
 
 
@@ -297,16 +343,25 @@ CUDNN_CASES = {
     "mask": (dict(dtype=jnp.bfloat16, has_mask=True), r"dense boolean mask"),
     "odd_length_bias": (dict(dtype=jnp.bfloat16, length=1023, has_bias=True), r"odd Lq or Lk"),
     # jax.nn's cuDNN path raises for a right window unless the mask is plain causal
-    "window_right_not_causal": (dict(dtype=jnp.bfloat16, structure=Structure(window=(8, 2))),
-                                r"window with a right side without is_causal"),
+    "window_right_not_causal": (
+        dict(dtype=jnp.bfloat16, structure=Structure(window=(8, 2))),
+        r"window with a right side without is_causal",
+    ),
     "window_left_only": (dict(dtype=jnp.bfloat16, structure=Structure(window=(8, 0))), None),
-    "window_right_causal_padded": (dict(dtype=jnp.bfloat16, structure=Structure(
-        is_causal=True, window=(8, 2), kv_length=jnp.array(900))), None),  # we pass (8, 0)
-    "q_offset": (dict(dtype=jnp.bfloat16, structure=Structure(is_causal=True, q_offset=3)),
-                 r"shift the causal mask by q_offset"),
-    "traced_q_offset": (dict(dtype=jnp.bfloat16, structure=Structure(is_causal=True,
-                                                                     q_offset=jnp.array(0))),
-                        r"shift the causal mask by q_offset"),
+    "window_right_causal_padded": (
+        dict(
+            dtype=jnp.bfloat16, structure=Structure(is_causal=True, window=(8, 2), kv_length=jnp.array(900))
+        ),
+        None,
+    ),  # we pass (8, 0)
+    "q_offset": (
+        dict(dtype=jnp.bfloat16, structure=Structure(is_causal=True, q_offset=3)),
+        r"shift the causal mask by q_offset",
+    ),
+    "traced_q_offset": (
+        dict(dtype=jnp.bfloat16, structure=Structure(is_causal=True, q_offset=jnp.array(0))),
+        r"shift the causal mask by q_offset",
+    ),
     "dropout": (dict(dtype=jnp.bfloat16, dropout_rate=0.1), r"apply dropout"),
 }
 
@@ -314,8 +369,9 @@ CUDNN_CASES = {
 @pytest.mark.parametrize("case", list(CUDNN_CASES))
 def test_cudnn_limitations_match_jax_nn(case):
     facts, refusal = CUDNN_CASES[case]
-    reasons = kernels.KERNELS["cudnn"].cannot(request(**({"length": 1024, "backend": "gpu",
-                                                           "head_dim": 64} | facts)))  # fmt: skip
+    reasons = kernels.KERNELS["cudnn"].cannot(
+        request(**({"length": 1024, "backend": "gpu", "head_dim": 64} | facts))
+    )
     if refusal is None:
         assert reasons == []
     else:

@@ -28,7 +28,6 @@ B, Lq, Lk, D, Dkv, H, Dh = 2, 5, 7, 12, 10, 3, 4  # fused layouts: D = H*Dh
 G_H, G_HKV, G_DH = 4, 2, 5  # GQA layouts: H*Dh = 20 != D, Hkv*Dh = 10
 
 
-
 def randomized(module, seed=0):
     """Every parameter random (biases start at zero in torch and Flax)."""
     generator = torch.Generator().manual_seed(seed)
@@ -58,8 +57,7 @@ def torch_mha(**kwargs):
 
 
 def gpt2_attention():
-    config = transformers.GPT2Config(n_embd=D, n_head=H, n_positions=16, attn_pdrop=0.0,
-                                     resid_pdrop=0.0)  # fmt: skip
+    config = transformers.GPT2Config(n_embd=D, n_head=H, n_positions=16, attn_pdrop=0.0, resid_pdrop=0.0)
     config._attn_implementation = "eager"
     return randomized(GPT2Attention(config, layer_idx=0))
 
@@ -73,16 +71,28 @@ def bert_layer(config=None):
 
 
 def llama_attention(attention_bias=False, seed=0):
-    config = transformers.LlamaConfig(hidden_size=D, num_attention_heads=G_H, num_key_value_heads=G_HKV,
-                                      head_dim=G_DH, attention_bias=attention_bias)  # fmt: skip
+    config = transformers.LlamaConfig(
+        hidden_size=D,
+        num_attention_heads=G_H,
+        num_key_value_heads=G_HKV,
+        head_dim=G_DH,
+        attention_bias=attention_bias,
+    )
     config._attn_implementation = "eager"
     return randomized(LlamaAttention(config, layer_idx=0), seed)
 
 
 def nnx_attention():
-    module = nnx.MultiHeadAttention(num_heads=G_H, in_features=D, qkv_features=G_H * G_DH,
-                                    num_kv_heads=G_HKV, in_kv_features=Dkv, out_features=9,
-                                    decode=False, rngs=nnx.Rngs(0))  # fmt: skip
+    module = nnx.MultiHeadAttention(
+        num_heads=G_H,
+        in_features=D,
+        qkv_features=G_H * G_DH,
+        num_kv_heads=G_HKV,
+        in_kv_features=Dkv,
+        out_features=9,
+        decode=False,
+        rngs=nnx.Rngs(0),
+    )
     state = nnx.state(module, nnx.Param)
     leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
     pure = treedef.unflatten([rand(20 + i, a.shape) for i, a in enumerate(leaves)])
@@ -103,8 +113,11 @@ SOURCES = {
     "gpt2": lambda: ("gpt2", torch_state(gpt2_attention()), dict(num_heads=H)),
     "bert": lambda: ("bert", torch_state(bert_layer()), dict(num_heads=H)),
     "llama": lambda: ("llama", torch_state(llama_attention()), dict(num_heads=G_H, num_kv_heads=G_HKV)),
-    "llama_bias": lambda: ("llama", torch_state(llama_attention(attention_bias=True)),
-                           dict(num_heads=G_H, num_kv_heads=G_HKV)),
+    "llama_bias": lambda: (
+        "llama",
+        torch_state(llama_attention(attention_bias=True)),
+        dict(num_heads=G_H, num_kv_heads=G_HKV),
+    ),
     "flax": lambda: ("flax", nnx_attention()[1], dict(num_heads=G_H, num_kv_heads=G_HKV)),
 }
 
@@ -117,8 +130,9 @@ def test_round_trip_is_exact(source):
     flat = flatten(state)
     assert set(exported) <= set(flat)
     left_out = set(flat) - set(exported)  # only BERT's LayerNorm and feed-forward, which are not attention
-    assert all(name.startswith(("attention.output.LayerNorm.", "intermediate.", "output."))
-               for name in left_out), left_out  # fmt: skip
+    assert all(
+        name.startswith(("attention.output.LayerNorm.", "intermediate.", "output.")) for name in left_out
+    ), left_out
     for name, value in exported.items():
         assert value.dtype == flat[name].dtype
         np.testing.assert_array_equal(value, flat[name], err_msg=name)
@@ -203,8 +217,9 @@ def test_flax_nnx_gqa_cross_attention_forward():
 
 def test_flax_linen_forward_from_exported_params():
     params = mj.init_params(jax.random.PRNGKey(9), D, H, head_dim=Dh, d_kv=Dkv, d_out=9)
-    params = params._replace(b_q=rand(10, (H * Dh,)), b_k=rand(11, (H * Dh,)),
-                             b_v=rand(12, (H * Dh,)), b_o=rand(13, (9,)))  # fmt: skip
+    params = params._replace(
+        b_q=rand(10, (H * Dh,)), b_k=rand(11, (H * Dh,)), b_v=rand(12, (H * Dh,)), b_o=rand(13, (9,))
+    )
     module = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=H * Dh, out_features=9)
     x_q, x_kv = rand(14, (B, Lq, D)), rand(15, (B, Lk, Dkv))
     theirs = module.apply({"params": unflatten(export_params("flax", params, num_heads=H))}, x_q, x_kv)
@@ -225,8 +240,9 @@ def test_real_minilm_layer_matches_hf_bert_layer():
     x = rand(16, (B, Lq, 384))
     with torch.no_grad():
         theirs = layer.attention.output.dense(layer.attention.self(to_torch(x))[0])
-    np.testing.assert_allclose(mj.batched_attention(params, x, num_heads=12), theirs.numpy(),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        mj.batched_attention(params, x, num_heads=12), theirs.numpy(), rtol=1e-5, atol=1e-5
+    )
     exported = export_params("bert", params, num_heads=12, prefix="encoder.layer.2.")
     for name, value in exported.items():
         np.testing.assert_array_equal(value, tensors[name])
@@ -243,7 +259,9 @@ def test_safetensors_round_trip(tmp_path):
     for name in mj.params.PARAM_NAMES:
         np.testing.assert_array_equal(getattr(again, name), getattr(params, name), err_msg=name)
     assert set(files.load_tensors(path, prefix="model.layers.0.self_attn.o_")) == {
-        "model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.o_proj.bias"}
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.self_attn.o_proj.bias",
+    }
     with pytest.raises(KeyError, match="names must be tensors in .*; got missing \\['nope'\\]"):
         files.load_tensors(path, ["nope"])
 
@@ -258,37 +276,64 @@ def _with(state, **changes):
 
 # Bad inputs: (call, exception, message regex).
 BAD_IMPORTS = {
-    "heads_do_not_divide": (lambda: import_params("torch_mha", torch_mha().state_dict(), num_heads=5),
-                            r"in_proj_weight.shape\[1\] \(H\*Dh\) must be divisible by num_heads=5; got 12"),
-    "wrong_kv_heads": (lambda: import_params("llama", _llama_state(), num_heads=G_H, num_kv_heads=1),
-                       r"k_proj.weight must have shape \[Hkv\*Dh, D_kv\]=\(5, 12\); got shape \(10, 12\)"),
-    "kv_heads_do_not_divide": (lambda: import_params("llama", _llama_state(), num_heads=G_H, num_kv_heads=3),
-                               r"num_heads must be divisible by num_kv_heads=3; got 4"),
+    "heads_do_not_divide": (
+        lambda: import_params("torch_mha", torch_mha().state_dict(), num_heads=5),
+        r"in_proj_weight.shape\[1\] \(H\*Dh\) must be divisible by num_heads=5; got 12",
+    ),
+    "wrong_kv_heads": (
+        lambda: import_params("llama", _llama_state(), num_heads=G_H, num_kv_heads=1),
+        r"k_proj.weight must have shape \[Hkv\*Dh, D_kv\]=\(5, 12\); got shape \(10, 12\)",
+    ),
+    "kv_heads_do_not_divide": (
+        lambda: import_params("llama", _llama_state(), num_heads=G_H, num_kv_heads=3),
+        r"num_heads must be divisible by num_kv_heads=3; got 4",
+    ),
     "hidden_size_mismatch": (
-        lambda: import_params("bert", _with(torch_state(bert_layer()),
-                              attention__output__dense__weight=np.zeros((D, 11), np.float32)), num_heads=H),
-        r"attention.output.dense.weight must have shape \[D_out, H\*Dh\]=\(12, 12\); got shape \(12, 11\)"),
-    "fused_width": (lambda: import_params("gpt2", _with(torch_state(gpt2_attention()),
-                                          c_attn__weight=np.zeros((D, 30), np.float32)), num_heads=H),
-                    r"c_attn.weight must have shape \[D, 3\*H\*Dh\]=\(12, 36\); got shape \(12, 30\)"),
-    "gqa_in_torch_mha": (lambda: import_params("torch_mha", torch_mha().state_dict(), num_heads=H,
-                                               num_kv_heads=1),
-                         r"Hkv must equal H=3 in layout 'torch_mha'; got 1"),
-    "flax_head_count": (lambda: import_params("flax", nnx_attention()[1], num_heads=5, num_kv_heads=1),
-                        r"query.kernel must have shape \[D, H, Dh\]=\(12, 5, 5\); got shape \(12, 4, 5\)"),
+        lambda: import_params(
+            "bert",
+            _with(torch_state(bert_layer()), attention__output__dense__weight=np.zeros((D, 11), np.float32)),
+            num_heads=H,
+        ),
+        r"attention.output.dense.weight must have shape \[D_out, H\*Dh\]=\(12, 12\); got shape \(12, 11\)",
+    ),
+    "fused_width": (
+        lambda: import_params(
+            "gpt2",
+            _with(torch_state(gpt2_attention()), c_attn__weight=np.zeros((D, 30), np.float32)),
+            num_heads=H,
+        ),
+        r"c_attn.weight must have shape \[D, 3\*H\*Dh\]=\(12, 36\); got shape \(12, 30\)",
+    ),
+    "gqa_in_torch_mha": (
+        lambda: import_params("torch_mha", torch_mha().state_dict(), num_heads=H, num_kv_heads=1),
+        r"Hkv must equal H=3 in layout 'torch_mha'; got 1",
+    ),
+    "flax_head_count": (
+        lambda: import_params("flax", nnx_attention()[1], num_heads=5, num_kv_heads=1),
+        r"query.kernel must have shape \[D, H, Dh\]=\(12, 5, 5\); got shape \(12, 4, 5\)",
+    ),
     "missing_weight_with_prefix": (
-        lambda: import_params("gpt2", {"h.0.attn.c_attn.bias": np.zeros(36)}, num_heads=H,
-                              prefix="h.0.attn."),
+        lambda: import_params(
+            "gpt2", {"h.0.attn.c_attn.bias": np.zeros(36)}, num_heads=H, prefix="h.0.attn."
+        ),
         r"tensors must contain 'h.0.attn.c_attn.weight' \(layout 'gpt2'\); "
-        r"got keys \['h.0.attn.c_attn.bias'\]"),
-    "rank": (lambda: import_params("llama", _with(_llama_state(), q_proj__weight=np.zeros(20, np.float32)),
-                                   num_heads=G_H, num_kv_heads=G_HKV),
-             r"q_proj.weight must have rank 2 \[H\*Dh, D\]; got shape \(20,\)"),
+        r"got keys \['h.0.attn.c_attn.bias'\]",
+    ),
+    "rank": (
+        lambda: import_params(
+            "llama",
+            _with(_llama_state(), q_proj__weight=np.zeros(20, np.float32)),
+            num_heads=G_H,
+            num_kv_heads=G_HKV,
+        ),
+        r"q_proj.weight must have rank 2 \[H\*Dh, D\]; got shape \(20,\)",
+    ),
     "unknown_layout": (lambda: import_params("t5", {}, num_heads=H), r"layout must be one of \['torch_mha'"),
-    "torch_bias_kv": (lambda: import_params("torch_mha", torch_mha(add_bias_kv=True).state_dict(),
-                                            num_heads=H),
-                      r"tensors must hold only what MHAParams can .*; got 'bias_k'"),
-}  # fmt: skip
+    "torch_bias_kv": (
+        lambda: import_params("torch_mha", torch_mha(add_bias_kv=True).state_dict(), num_heads=H),
+        r"tensors must hold only what MHAParams can .*; got 'bias_k'",
+    ),
+}
 
 
 def _params(**kwargs):
@@ -296,20 +341,30 @@ def _params(**kwargs):
 
 
 BAD_EXPORTS = {
-    "gqa_to_gpt2": (lambda: export_params("gpt2", _params(num_heads=4, num_kv_heads=2), num_heads=4),
-                    r"Hkv must equal H=4 in layout 'gpt2'; got 2"),
-    "d_kv_to_bert": (lambda: export_params("bert", _params(num_heads=H, d_kv=Dkv), num_heads=H),
-                     r"D_kv must equal D=12 in layout 'bert'; got 10"),
-    "wrong_num_heads": (lambda: export_params("llama", _params(num_heads=4), num_heads=5),
-                        r"params.w_q.shape\[1\] \(H\*Dh\) must be divisible by num_heads=5; got 12"),
-    "inconsistent_params": (lambda: export_params("llama", _params(num_heads=H)._replace(
-                                w_v=np.zeros((D, 8), np.float32)), num_heads=H),
-                            r"params.w_v must have shape \[D_kv, Hkv\*Dh\]=\(12, 12\); got shape \(12, 8\)"),
-    "half_fused_bias": (lambda: export_params("torch_mha", _params(num_heads=H)._replace(b_k=None),
-                                              num_heads=H),
-                        r"params.b_k must be set like params.b_q \('torch_mha' keeps them in one "
-                        r"'in_proj_bias'\); got None"),
-}  # fmt: skip
+    "gqa_to_gpt2": (
+        lambda: export_params("gpt2", _params(num_heads=4, num_kv_heads=2), num_heads=4),
+        r"Hkv must equal H=4 in layout 'gpt2'; got 2",
+    ),
+    "d_kv_to_bert": (
+        lambda: export_params("bert", _params(num_heads=H, d_kv=Dkv), num_heads=H),
+        r"D_kv must equal D=12 in layout 'bert'; got 10",
+    ),
+    "wrong_num_heads": (
+        lambda: export_params("llama", _params(num_heads=4), num_heads=5),
+        r"params.w_q.shape\[1\] \(H\*Dh\) must be divisible by num_heads=5; got 12",
+    ),
+    "inconsistent_params": (
+        lambda: export_params(
+            "llama", _params(num_heads=H)._replace(w_v=np.zeros((D, 8), np.float32)), num_heads=H
+        ),
+        r"params.w_v must have shape \[D_kv, Hkv\*Dh\]=\(12, 12\); got shape \(12, 8\)",
+    ),
+    "half_fused_bias": (
+        lambda: export_params("torch_mha", _params(num_heads=H)._replace(b_k=None), num_heads=H),
+        r"params.b_k must be set like params.b_q \('torch_mha' keeps them in one "
+        r"'in_proj_bias'\); got None",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_IMPORTS) + list(BAD_EXPORTS))
@@ -325,17 +380,29 @@ def test_bad_input_raises_with_message(case):
 def test_gguf_parser_matches_gguf_reader(tmp_path):
     path = tmp_path / "small.gguf"
     writer = gguf.GGUFWriter(str(path), arch="llama")
-    for key, value, kind in [("u8", 7, "UINT8"), ("i8", -7, "INT8"), ("u16", 700, "UINT16"),
-                             ("i16", -700, "INT16"), ("u32", 70000, "UINT32"), ("i32", -70000, "INT32"),
-                             ("f32", 0.1, "FLOAT32"), ("b", True, "BOOL"), ("s", "héllo", "STRING"),
-                             ("u64", 2**40, "UINT64"), ("i64", -(2**40), "INT64"), ("f64", 0.1, "FLOAT64")]:
-        writer.add_key_value(f"test.{key}", value, gguf.GGUFValueType[kind])  # fmt: skip
+    for key, value, kind in [
+        ("u8", 7, "UINT8"),
+        ("i8", -7, "INT8"),
+        ("u16", 700, "UINT16"),
+        ("i16", -700, "INT16"),
+        ("u32", 70000, "UINT32"),
+        ("i32", -70000, "INT32"),
+        ("f32", 0.1, "FLOAT32"),
+        ("b", True, "BOOL"),
+        ("s", "héllo", "STRING"),
+        ("u64", 2**40, "UINT64"),
+        ("i64", -(2**40), "INT64"),
+        ("f64", 0.1, "FLOAT64"),
+    ]:
+        writer.add_key_value(f"test.{key}", value, gguf.GGUFValueType[kind])
     writer.add_array("test.strings", ["a", "", "Ġ t", "日本"])
     writer.add_array("test.ints", [1, -2, 3])
     writer.add_array("test.floats", [0.5, -1.25])
     rng = np.random.default_rng(0)
-    tensors = {"f32": rng.normal(size=(3, 8)).astype(np.float32),
-               "f16": rng.normal(size=(2, 3, 4)).astype(np.float16)}  # fmt: skip
+    tensors = {
+        "f32": rng.normal(size=(3, 8)).astype(np.float32),
+        "f16": rng.normal(size=(2, 3, 4)).astype(np.float16),
+    }
     for name, value in tensors.items():
         writer.add_tensor(name, value)
     for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1):
@@ -368,9 +435,19 @@ def test_permute_interleaves_halves_and_unpermute_inverts():
 
 def test_smollm2_metadata():
     config = mgguf.model_config(mgguf.open_gguf(checkpoint_path("smollm2-135m-instruct")).metadata)
-    assert config == dict(config, architecture="llama", num_layers=30, d_model=576, num_heads=9,
-                          num_kv_heads=3, head_dim=64, rope_theta=100000.0, vocab_size=49152,
-                          tokenizer="gpt2", sliding_window=None)  # fmt: skip
+    assert config == dict(
+        config,
+        architecture="llama",
+        num_layers=30,
+        d_model=576,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        vocab_size=49152,
+        tokenizer="gpt2",
+        sliding_window=None,
+    )
     assert config["norm_eps"] == np.float32(1e-5)  # stored as float32
 
 
@@ -407,16 +484,27 @@ def test_smollm2_q_and_k_equal_transformers_gguf_loader(tmp_path):
 
     ours, metadata = mgguf.read_gguf(checkpoint_path("smollm2-135m-instruct"), names)
     ours = mgguf.hf_names(ours, "llama")
-    assert set(ours) == set(theirs) == {"model.layers.0.self_attn.q_proj.weight",
-                                        "model.layers.0.self_attn.k_proj.weight"}  # fmt: skip
+    assert (
+        set(ours)
+        == set(theirs)
+        == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"}
+    )
     for name, value in ours.items():
         assert value.shape == tuple(theirs[name].shape) and value.dtype == np.float32
         np.testing.assert_array_equal(value, theirs[name].numpy(), err_msg=name)
     raw_q = mgguf.read_tensor(file, "blk.0.attn_q.weight")
     assert not np.array_equal(raw_q, ours["model.layers.0.self_attn.q_proj.weight"]), "the file is permuted"
-    params = import_params("llama", ours | {"model.layers.0.self_attn.v_proj.weight": np.zeros((192, 576)),
-                                            "model.layers.0.self_attn.o_proj.weight": np.zeros((576, 576))},
-                           num_heads=9, num_kv_heads=3, prefix="model.layers.0.self_attn.")  # fmt: skip
+    params = import_params(
+        "llama",
+        ours
+        | {
+            "model.layers.0.self_attn.v_proj.weight": np.zeros((192, 576)),
+            "model.layers.0.self_attn.o_proj.weight": np.zeros((576, 576)),
+        },
+        num_heads=9,
+        num_kv_heads=3,
+        prefix="model.layers.0.self_attn.",
+    )
     assert (params.w_q.shape, params.w_k.shape) == ((576, 576), (576, 192))
 
 
@@ -425,8 +513,17 @@ def test_gemma3_attention_imports_with_gqa_and_wide_heads():
     names = [f"blk.0.attn_{n}.weight" for n in ("q", "k", "v", "output", "q_norm")]
     tensors, metadata = mgguf.read_gguf(path, names)
     config = mgguf.model_config(metadata)
-    assert config == dict(config, architecture="gemma3", d_model=640, num_heads=4, num_kv_heads=1,
-                          head_dim=256, sliding_window=512, rope_theta=1e6, num_layers=18)  # fmt: skip
+    assert config == dict(
+        config,
+        architecture="gemma3",
+        d_model=640,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        sliding_window=512,
+        rope_theta=1e6,
+        num_layers=18,
+    )
     hf = mgguf.hf_names(tensors, "gemma3")
     params = import_params("llama", hf, num_heads=4, num_kv_heads=1, prefix="model.layers.0.self_attn.")
     assert (params.w_q.shape, params.w_k.shape, params.w_o.shape) == ((640, 1024), (640, 256), (1024, 640))

@@ -21,19 +21,20 @@ def flax_kernels(params: mj.MHAParams, num_kv_heads=H):
     split = lambda w, heads: w.reshape(w.shape[0], heads, Dh)
     return {
         "query": {"kernel": split(params.w_q, H), "bias": params.b_q.reshape(H, Dh)},
-        "key": {"kernel": split(params.w_k, num_kv_heads),
-                "bias": params.b_k.reshape(num_kv_heads, Dh)},
-        "value": {"kernel": split(params.w_v, num_kv_heads),
-                  "bias": params.b_v.reshape(num_kv_heads, Dh)},
+        "key": {"kernel": split(params.w_k, num_kv_heads), "bias": params.b_k.reshape(num_kv_heads, Dh)},
+        "value": {"kernel": split(params.w_v, num_kv_heads), "bias": params.b_v.reshape(num_kv_heads, Dh)},
         "out": {"kernel": params.w_o.reshape(H, Dh, -1), "bias": params.b_o},
     }
 
 
 def random_params(num_kv_heads=None, seed=0):
-    params = mj.init_params(jax.random.PRNGKey(seed), D, H, num_kv_heads=num_kv_heads,
-                            head_dim=Dh, d_kv=Dkv)
-    return params._replace(b_q=normal(1, (H * Dh,)), b_k=normal(2, params.b_k.shape),
-                           b_v=normal(3, params.b_v.shape), b_o=normal(4, (D,)))
+    params = mj.init_params(jax.random.PRNGKey(seed), D, H, num_kv_heads=num_kv_heads, head_dim=Dh, d_kv=Dkv)
+    return params._replace(
+        b_q=normal(1, (H * Dh,)),
+        b_k=normal(2, params.b_k.shape),
+        b_v=normal(3, params.b_v.shape),
+        b_o=normal(4, (D,)),
+    )
 
 
 def mask_with_nonempty_rows():
@@ -55,8 +56,7 @@ def test_matches_flax_linen_outputs_and_gradients(use_mask):
         flax_mask = None if mask is None else mask[:, None]
         return theirs.apply({"params": flax_kernels(params)}, x_q, x_kv, mask=flax_mask)
 
-    np.testing.assert_allclose(ours_fn(params, x_q, x_kv), theirs_fn(params, x_q, x_kv),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours_fn(params, x_q, x_kv), theirs_fn(params, x_q, x_kv), rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda *a: (f(*a) * normal(8, (B, Lq, D))).sum()
     ours_grads = jax.grad(loss(ours_fn), argnums=(0, 1, 2))(params, x_q, x_kv)
     theirs_grads = jax.grad(loss(theirs_fn), argnums=(0, 1, 2))(params, x_q, x_kv)
@@ -70,22 +70,26 @@ def test_matches_flax_nnx_outputs_and_gradients(num_kv_heads, is_causal):
     params = random_params(num_kv_heads)
     x_q, x_kv = normal(6, (B, Lq, D)), normal(7, (B, Lk, Dkv))
     mask = mask_with_nonempty_rows()
-    theirs = nnx.MultiHeadAttention(H, D, qkv_features=H * Dh, out_features=D,
-                                    num_kv_heads=num_kv_heads, in_kv_features=Dkv, decode=False,
-                                    rngs=nnx.Rngs(0))
+    theirs = nnx.MultiHeadAttention(
+        H,
+        D,
+        qkv_features=H * Dh,
+        out_features=D,
+        num_kv_heads=num_kv_heads,
+        in_kv_features=Dkv,
+        decode=False,
+        rngs=nnx.Rngs(0),
+    )
     graph, _ = nnx.split(theirs)
 
     def theirs_fn(params, x_q, x_kv):
-        module = nnx.merge(graph, nnx.State(jax.tree.map(nnx.Param, flax_kernels(params,
-                                                                                num_kv_heads))))
+        module = nnx.merge(graph, nnx.State(jax.tree.map(nnx.Param, flax_kernels(params, num_kv_heads))))
         return module(x_q, x_kv, x_kv, mask=mask[:, None], is_causal=is_causal)
 
     def ours_fn(params, x_q, x_kv):
-        return mj.batched_attention(params, x_q, x_kv, num_heads=H, mask=mask,
-                                    is_causal=is_causal)
+        return mj.batched_attention(params, x_q, x_kv, num_heads=H, mask=mask, is_causal=is_causal)
 
-    np.testing.assert_allclose(ours_fn(params, x_q, x_kv), theirs_fn(params, x_q, x_kv),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours_fn(params, x_q, x_kv), theirs_fn(params, x_q, x_kv), rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda *a: (f(*a) ** 2).sum()
     ours_grads = jax.grad(loss(ours_fn), argnums=(0, 1, 2))(params, x_q, x_kv)
     theirs_grads = jax.grad(loss(theirs_fn), argnums=(1, 2))(params, x_q, x_kv)
@@ -94,13 +98,21 @@ def test_matches_flax_nnx_outputs_and_gradients(num_kv_heads, is_causal):
 
 
 def copy_into_linen(nnx_module):
-    return {"params": {name: value for name, value in nnx_module.params._asdict().items()
-                       if value is not None}}
+    return {
+        "params": {name: value for name, value in nnx_module.params._asdict().items() if value is not None}
+    }
 
 
-@pytest.mark.parametrize("options", [
-    dict(), dict(num_kv_heads=1), dict(use_bias=False), dict(head_dim=5, out_features=7),
-], ids=["plain", "mqa", "no_bias", "sizes"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(num_kv_heads=1),
+        dict(use_bias=False),
+        dict(head_dim=5, out_features=7),
+    ],
+    ids=["plain", "mqa", "no_bias", "sizes"],
+)
 def test_nnx_and_linen_give_identical_outputs(options):
     ours = mnnx.MultiHeadAttention(D, H, in_kv_features=Dkv, rngs=nnx.Rngs(0), **options)
     linen = mlinen.MultiHeadAttention(H, **options)
@@ -109,23 +121,25 @@ def test_nnx_and_linen_give_identical_outputs(options):
     # same parameter names and shapes from both wrappers
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, copy_into_linen(ours))
     kwargs = dict(mask=mask_with_nonempty_rows(), is_causal=True)
-    np.testing.assert_array_equal(ours(x_q, x_kv, **kwargs),
-                                  linen.apply(copy_into_linen(ours), x_q, x_kv, **kwargs))
+    np.testing.assert_array_equal(
+        ours(x_q, x_kv, **kwargs), linen.apply(copy_into_linen(ours), x_q, x_kv, **kwargs)
+    )
 
 
 def test_module_equals_functional_api():
     module = mnnx.MultiHeadAttention(D, H, num_kv_heads=1, rngs=nnx.Rngs(3))
     x = normal(1, (B, Lq, D))
-    np.testing.assert_array_equal(module(x, is_causal=True),
-                                  mj.batched_attention(module.params, x, num_heads=H,
-                                                       is_causal=True))
+    np.testing.assert_array_equal(
+        module(x, is_causal=True), mj.batched_attention(module.params, x, num_heads=H, is_causal=True)
+    )
 
 
 def test_unbatched_input_equals_batch_of_one():
     module = mnnx.MultiHeadAttention(D, H, rngs=nnx.Rngs(0))
     x = normal(1, (Lq, D))
-    np.testing.assert_allclose(module(x, kv_length=3), module(x[None], kv_length=jnp.array([3]))[0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        module(x, kv_length=3), module(x[None], kv_length=jnp.array([3]))[0], rtol=1e-6
+    )
 
 
 def test_sow_weights_stores_the_weights_and_keeps_the_output():
@@ -155,20 +169,24 @@ def test_nnx_dropout_needs_deterministic_and_uses_its_rngs():
     clean = module(x, deterministic=True)
     module.eval()  # Flax's switch sets module.deterministic = True
     np.testing.assert_array_equal(module(x), clean)
-    np.testing.assert_array_equal(module(x, deterministic=False, rngs=nnx.Rngs(dropout=1)),
-                                  module(x, deterministic=False, rngs=nnx.Rngs(dropout=1)))
+    np.testing.assert_array_equal(
+        module(x, deterministic=False, rngs=nnx.Rngs(dropout=1)),
+        module(x, deterministic=False, rngs=nnx.Rngs(dropout=1)),
+    )
 
 
 def test_linen_dropout_uses_the_dropout_rng():
     module = mlinen.MultiHeadAttention(H, dropout_rate=0.5)
     x = normal(1, (B, Lq, D))
     variables = module.init(jax.random.PRNGKey(0), x, deterministic=True)
-    run = lambda seed: module.apply(variables, x, deterministic=False,
-                                    rngs={"dropout": jax.random.PRNGKey(seed)})
+    run = lambda seed: module.apply(
+        variables, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
+    )
     np.testing.assert_array_equal(run(1), run(1))
     assert not np.allclose(run(1), run(2))
-    np.testing.assert_array_equal(module.apply(variables, x, deterministic=True),
-                                  mlinen.MultiHeadAttention(H).apply(variables, x))
+    np.testing.assert_array_equal(
+        module.apply(variables, x, deterministic=True), mlinen.MultiHeadAttention(H).apply(variables, x)
+    )
 
 
 def test_modules_jit_without_retracing():

@@ -70,20 +70,23 @@ def test_fused_projections_equal_the_two_step_stages(use_bias, rows):
     """`attention` uses project_heads / merge_project; they are the chapter's
     project + split_heads and merge_heads + project, up to float rounding, in
     both of their forms (fewer rows than features, or at least as many)."""
-    params = mj.init_params(jax.random.PRNGKey(0), 12, 6, num_kv_heads=3, head_dim=4,
-                            d_out=10, use_bias=use_bias)  # fmt: skip
+    params = mj.init_params(
+        jax.random.PRNGKey(0), 12, 6, num_kv_heads=3, head_dim=4, d_out=10, use_bias=use_bias
+    )
     if use_bias:  # init_params zeroes biases; make them count
         params = params._replace(b_k=normal(3, (12,)), b_o=normal(4, (10,)))
     x = normal(1, (rows, 12))
     k = mj.project_heads(x, params.w_k, params.b_k, 3)
     chex.assert_shape(k, (rows, 3, 4))
-    np.testing.assert_allclose(k, mj.split_heads(mj.project(x, params.w_k, params.b_k), 3),
-                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        k, mj.split_heads(mj.project(x, params.w_k, params.b_k), 3), rtol=1e-6, atol=1e-6
+    )
     heads = normal(2, (5, 6, 4))
     out = mj.merge_project(heads, params.w_o, params.b_o)
     chex.assert_shape(out, (5, 10))
-    np.testing.assert_allclose(out, mj.project(mj.merge_heads(heads), params.w_o, params.b_o),
-                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        out, mj.project(mj.merge_heads(heads), params.w_o, params.b_o), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_scores_are_scaled_by_inverse_sqrt_head_dim():

@@ -51,9 +51,18 @@ def test_smoke_run_learns_and_writes_its_run_directory(tmp_path):
 
 @pytest.mark.parametrize("task", ["reverse", "teacher"])
 def test_other_tasks_run(tmp_path, task):
-    cfg = toy_config.load_config(ROOT / "configs" / f"{task}.yaml",
-                                 ["steps=30", "log_every=10", "eval_every=30", "eval_size=64",
-                                  "checkpoint_every=30", "num_heatmaps=1", "warmup_steps=3"])
+    cfg = toy_config.load_config(
+        ROOT / "configs" / f"{task}.yaml",
+        [
+            "steps=30",
+            "log_every=10",
+            "eval_every=30",
+            "eval_size=64",
+            "checkpoint_every=30",
+            "num_heatmaps=1",
+            "warmup_steps=3",
+        ],
+    )
     history = train_toy.main(cfg, run_dir=tmp_path, quiet=True)
     losses = [h["loss"] for h in history if "loss" in h]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
@@ -75,11 +84,22 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 
 def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "scripts/train_toy.py", "--config", str(SMOKE), "--run-dir",
-               str(run_dir), "--quiet", "--set", "steps=1000000", "--set", "checkpoint_every=100000",
-               "--set", "warmup_steps=1"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    command = [
+        sys.executable,
+        "scripts/train_toy.py",
+        "--config",
+        str(SMOKE),
+        "--run-dir",
+        str(run_dir),
+        "--quiet",
+        "--set",
+        "steps=1000000",
+        "--set",
+        "checkpoint_every=100000",
+        "--set",
+        "warmup_steps=1",
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stdout:  # wait until the loop is running
             if line.startswith("{"):
@@ -158,8 +178,9 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error_and_overwrites_nothing(t
     before = sorted((p, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
     with pytest.raises(run_files.CheckpointError, match="could not be read"):
         train_toy.main(cfg, resume=tmp_path, quiet=True)
-    after = sorted((p, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()
-                   and p.name != "config.yaml")
+    after = sorted(
+        (p, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file() and p.name != "config.yaml"
+    )
     assert [a for a in after] == [b for b in before if b[0].name != "config.yaml"]
     # a fresh run into a directory with checkpoints refuses too
     with pytest.raises(run_files.CheckpointError, match="already holds checkpoints"):
@@ -174,16 +195,24 @@ def test_data_parallel_on_four_devices_matches_one_device(tmp_path):
         "print('DEVICES', jax.device_count())"
     )
     for count in (1, 4):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
-                   PYTHONPATH="scripts")  # pytest's pythonpath does not reach a child process
-        result = subprocess.run([sys.executable, "-c", script, str(tmp_path / str(count))],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        env = dict(
+            os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", PYTHONPATH="scripts"
+        )  # pytest's pythonpath does not reach a child process
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / str(count))],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         assert f"DEVICES {count}" in result.stdout
     cfg = smoke(steps=10, checkpoint_every=10)
     one, four = final_params(tmp_path / "1", cfg), final_params(tmp_path / "4", cfg)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one.params),
-                            jax.tree.leaves(four.params), strict=True):
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(one.params), jax.tree.leaves(four.params), strict=True
+    ):
         if "b_k" in jax.tree_util.keystr(path):
             # b_k adds the same q·b_k to every score of a row, which the softmax
             # ignores: its exact gradient is 0, and Adam turns the rounding noise
@@ -199,8 +228,7 @@ def test_data_parallel_on_four_devices_matches_one_device(tmp_path):
 
 def tiny(**overrides):
     """The smoke config cut to a handful of steps: one compile and a few seconds."""
-    values = dict(steps=4, log_every=2, eval_every=4, eval_size=16, checkpoint_every=2,
-                  warmup_steps=1)
+    values = dict(steps=4, log_every=2, eval_every=4, eval_size=16, checkpoint_every=2, warmup_steps=1)
     return smoke(**{**values, **overrides})
 
 
@@ -230,8 +258,6 @@ def _unwritable(tmp_path):
     return ["--config", str(SMOKE), "--run-dir", str(tmp_path / "run")]
 
 
-
-
 def _empty_run_config(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("")
@@ -244,22 +270,37 @@ def _yaml_syntax_error(tmp_path):
 
 
 COMMAND_LINE_ERRORS = [
-    pytest.param(lambda tmp: ["--resume", str(tmp / "nowhere")],
-                 r"nowhere is not a run directory: .*nowhere/config\.yaml is missing",
-                 id="resume-missing-dir"),
-    pytest.param(_empty_run_config, r"run/config\.yaml must hold the run's config; got an empty file",
-                 id="empty-run-config"),
-    pytest.param(_yaml_syntax_error,
-                 r"config file .*bad\.yaml must be valid YAML; got .* \(line 3, column 1\)",
-                 id="yaml-syntax"),
-    pytest.param(lambda tmp: ["--config", str(tmp / "nope.yaml")],
-                 r"config file .*nope\.yaml must be a readable file; got No such file or directory",
-                 id="config-missing"),
-    pytest.param(lambda tmp: ["--config", str(tmp)],
-                 r"config file .* must be a readable file; got Is a directory",
-                 id="config-is-a-directory"),
-    pytest.param(_unwritable, r"run/config\.yaml must be writable \(the run directory .*run keeps "
-                              r"the run's files\); got Is a directory", id="run-dir-unwritable"),
+    pytest.param(
+        lambda tmp: ["--resume", str(tmp / "nowhere")],
+        r"nowhere is not a run directory: .*nowhere/config\.yaml is missing",
+        id="resume-missing-dir",
+    ),
+    pytest.param(
+        _empty_run_config,
+        r"run/config\.yaml must hold the run's config; got an empty file",
+        id="empty-run-config",
+    ),
+    pytest.param(
+        _yaml_syntax_error,
+        r"config file .*bad\.yaml must be valid YAML; got .* \(line 3, column 1\)",
+        id="yaml-syntax",
+    ),
+    pytest.param(
+        lambda tmp: ["--config", str(tmp / "nope.yaml")],
+        r"config file .*nope\.yaml must be a readable file; got No such file or directory",
+        id="config-missing",
+    ),
+    pytest.param(
+        lambda tmp: ["--config", str(tmp)],
+        r"config file .* must be a readable file; got Is a directory",
+        id="config-is-a-directory",
+    ),
+    pytest.param(
+        _unwritable,
+        r"run/config\.yaml must be writable \(the run directory .*run keeps "
+        r"the run's files\); got Is a directory",
+        id="run-dir-unwritable",
+    ),
 ]
 
 
@@ -272,11 +313,19 @@ def test_command_line_errors_are_one_line(tmp_path, make_argv, message):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("make_argv", [lambda tmp: ["--resume", str(tmp / "nowhere")],
-                                       _yaml_syntax_error], ids=["resume-missing", "yaml-syntax"])
+@pytest.mark.parametrize(
+    "make_argv",
+    [lambda tmp: ["--resume", str(tmp / "nowhere")], _yaml_syntax_error],
+    ids=["resume-missing", "yaml-syntax"],
+)
 def test_command_line_error_exits_1_with_one_stderr_line(tmp_path, make_argv):
-    result = subprocess.run([sys.executable, "scripts/train_toy.py", *make_argv(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "scripts/train_toy.py", *make_argv(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -298,8 +347,9 @@ def test_truncated_last_metrics_line_is_dropped_and_the_resume_proceeds(tmp_path
 def test_a_bad_metrics_line_before_the_last_is_an_error(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(tiny())))
     (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n{"step": 4\n{"step": 4}\n')
-    with pytest.raises(run_files.CheckpointError,
-                       match=r"line 2 of .*metrics\.jsonl must be a JSON record with a step"):
+    with pytest.raises(
+        run_files.CheckpointError, match=r"line 2 of .*metrics\.jsonl must be a JSON record with a step"
+    ):
         run_files.read_history(tmp_path, upto=4)
 
 
@@ -312,8 +362,11 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, c
     capsys.readouterr()
     history = train_toy.main(cfg, resume=tmp_path, quiet=True)
     err = capsys.readouterr().err
-    assert re.search(r"the checkpoint at step 4 in .*checkpoints could not be read \(.*\); "
-                     r"restoring step 2 instead", err), err
+    assert re.search(
+        r"the checkpoint at step 4 in .*checkpoints could not be read \(.*\); "
+        r"restoring step 2 instead",
+        err,
+    ), err
     assert re.search(r"moved the unreadable checkpoint at step 4 to .*unreadable-checkpoints", err)
     assert [h["step"] for h in history] == sorted(h["step"] for h in history)
     assert int(final_params(tmp_path, cfg).step) == 4  # trained 2 -> 4 again and saved it
@@ -328,12 +381,16 @@ def test_fresh_start_replaces_the_metrics_of_a_run_without_checkpoints(tmp_path)
     assert logged == history and all(h.get("loss") != 9.0 for h in history)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("num_heads: true", r"config field 'num_heads' must be of type int; got True"),
-    ("learning_rate: false", r"config field 'learning_rate' must be of type float; got False"),
-    ("task: 5", r"config field 'task' must be of type str; got 5"),
-    ("implementation: null", r"config field 'implementation' must be of type str; got None"),
-], ids=["bool-for-int", "bool-for-float", "int-for-str", "null-for-str"])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("num_heads: true", r"config field 'num_heads' must be of type int; got True"),
+        ("learning_rate: false", r"config field 'learning_rate' must be of type float; got False"),
+        ("task: 5", r"config field 'task' must be of type str; got 5"),
+        ("implementation: null", r"config field 'implementation' must be of type str; got None"),
+    ],
+    ids=["bool-for-int", "bool-for-float", "int-for-str", "null-for-str"],
+)
 def test_yaml_values_keep_the_field_type(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(toy_config.ConfigError, match=message):
@@ -341,19 +398,32 @@ def test_yaml_values_keep_the_field_type(tmp_path, text, message):
 
 
 def test_a_config_made_in_python_is_type_checked_too():
-    with pytest.raises(toy_config.ConfigError,
-                       match=r"config field 'num_heads' must be of type int; got True"):
+    with pytest.raises(
+        toy_config.ConfigError, match=r"config field 'num_heads' must be of type int; got True"
+    ):
         toy_config.check_config(dataclasses.replace(smoke(), num_heads=True))
 
 
-@pytest.mark.parametrize("override", ["seed=7", "eval_seed=3", "batch_size=32", "eval_size=32",
-                                      "learning_rate=0.1", "warmup_steps=2", "weight_decay=0.5",
-                                      "clip_norm=2.0"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "seed=7",
+        "eval_seed=3",
+        "batch_size=32",
+        "eval_size=32",
+        "learning_rate=0.1",
+        "warmup_steps=2",
+        "weight_decay=0.5",
+        "clip_norm=2.0",
+    ],
+)
 def test_resume_refuses_changes_to_what_the_run_computes(tmp_path, override):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(smoke())))
     key, value = override.split("=")
-    message = (rf"cannot resume .*: the config changes what the run computes \({key}: \S+ -> "
-               rf"{value}\); a resumed run must keep .* except steps, implementation")
+    message = (
+        rf"cannot resume .*: the config changes what the run computes \({key}: \S+ -> "
+        rf"{value}\); a resumed run must keep .* except steps, implementation"
+    )
     with pytest.raises(toy_config.ConfigError, match=message):
         train_toy.main(smoke(**{key: value}), resume=tmp_path, quiet=True)
 
@@ -361,8 +431,11 @@ def test_resume_refuses_changes_to_what_the_run_computes(tmp_path, override):
 def test_resume_may_change_steps_but_not_below_the_restored_step(tmp_path, capsys):
     train_toy.main(tiny(), run_dir=tmp_path, quiet=True)  # steps=4
     saved = (tmp_path / "config.yaml").read_text()
-    with pytest.raises(toy_config.ConfigError, match=r"steps must be at least the restored step 4 "
-                                                     r"to resume .*; got 3"):
+    with pytest.raises(
+        toy_config.ConfigError,
+        match=r"steps must be at least the restored step 4 "
+        r"to resume .*; got 3",
+    ):
         train_toy.main(tiny(steps=3), resume=tmp_path, quiet=True)
     assert (tmp_path / "config.yaml").read_text() == saved  # the refused config is not kept
     longer = tiny(steps=8, log_every=3)  # bookkeeping may change too

@@ -143,9 +143,7 @@ class RoPE:
     def __post_init__(self):
         _check_positive_number("RoPE.theta", self.theta)
         if self.rotary_dim is not None and not (
-            isinstance(self.rotary_dim, int | np.integer)
-            and self.rotary_dim > 0
-            and self.rotary_dim % 2 == 0
+            isinstance(self.rotary_dim, int | np.integer) and self.rotary_dim > 0 and self.rotary_dim % 2 == 0
         ):
             raise _checks.fail("RoPE.rotary_dim", "be a positive even integer or None", repr(self.rotary_dim))
         _checks.check_choice("RoPE.layout", self.layout, LAYOUTS)
@@ -170,8 +168,12 @@ def scaling_from_hf(rope_scaling: Mapping[str, object] | None) -> Scaling | None
     if missing:
         raise _checks.fail(f"rope_scaling for {rope_type!r}", f"have the keys {names}", f"missing {missing}")
     # JSON configs write 8 for 8.0; the field types say which is meant.
-    cast = {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
-            "original_max_position_embeddings": int}
+    cast = {
+        "factor": float,
+        "low_freq_factor": float,
+        "high_freq_factor": float,
+        "original_max_position_embeddings": int,
+    }
     return scaling(**{name: cast[name](rope_scaling[name]) for name in names})
 
 

@@ -86,8 +86,12 @@ TORCH_MHA = Layout(
         Row("out_proj.weight", ("D_out", "H*Dh"), ("w_o",), TRANSPOSE),
         Row("out_proj.bias", ("D_out",), ("b_o",), RESHAPE),
     ),
-    reads={"d_model": ("in_proj_weight", 1), "q_features": ("in_proj_weight", 1),
-           "d_kv": ("in_proj_weight", 1), "d_out": ("out_proj.weight", 0)},  # fmt: skip
+    reads={
+        "d_model": ("in_proj_weight", 1),
+        "q_features": ("in_proj_weight", 1),
+        "d_kv": ("in_proj_weight", 1),
+        "d_out": ("out_proj.weight", 0),
+    },
     requires=ONE_WIDTH,
     unsupported=("bias_k", "bias_v"),
 )
@@ -102,8 +106,12 @@ TORCH_MHA_KDIM = Layout(
         Row("out_proj.weight", ("D_out", "H*Dh"), ("w_o",), TRANSPOSE),
         Row("out_proj.bias", ("D_out",), ("b_o",), RESHAPE),
     ),
-    reads={"d_model": ("q_proj_weight", 1), "q_features": ("q_proj_weight", 0),
-           "d_kv": ("k_proj_weight", 1), "d_out": ("out_proj.weight", 0)},  # fmt: skip
+    reads={
+        "d_model": ("q_proj_weight", 1),
+        "q_features": ("q_proj_weight", 0),
+        "d_kv": ("k_proj_weight", 1),
+        "d_out": ("out_proj.weight", 0),
+    },
     requires=(("H*Dh", "D"), ("D_out", "D"), ("Hkv", "H")),
     unsupported=("bias_k", "bias_v"),
 )
@@ -115,8 +123,12 @@ GPT2 = Layout(
         Row("c_proj.weight", ("H*Dh", "D_out"), ("w_o",), RESHAPE),
         Row("c_proj.bias", ("D_out",), ("b_o",), RESHAPE),
     ),
-    reads={"d_model": ("c_attn.weight", 0), "q_features": ("c_proj.weight", 0),
-           "d_kv": ("c_attn.weight", 0), "d_out": ("c_proj.weight", 1)},  # fmt: skip
+    reads={
+        "d_model": ("c_attn.weight", 0),
+        "q_features": ("c_proj.weight", 0),
+        "d_kv": ("c_attn.weight", 0),
+        "d_out": ("c_proj.weight", 1),
+    },
     requires=ONE_WIDTH,
 )
 
@@ -131,10 +143,12 @@ BERT = Layout(
         Row("attention.output.dense.weight", ("D_out", "H*Dh"), ("w_o",), TRANSPOSE),
         Row("attention.output.dense.bias", ("D_out",), ("b_o",), RESHAPE),
     ),
-    reads={"d_model": ("attention.self.query.weight", 1),
-           "q_features": ("attention.self.query.weight", 0),
-           "d_kv": ("attention.self.key.weight", 1),
-           "d_out": ("attention.output.dense.weight", 0)},  # fmt: skip
+    reads={
+        "d_model": ("attention.self.query.weight", 1),
+        "q_features": ("attention.self.query.weight", 0),
+        "d_kv": ("attention.self.key.weight", 1),
+        "d_out": ("attention.output.dense.weight", 0),
+    },
     requires=ONE_WIDTH,
 )
 
@@ -149,8 +163,12 @@ LLAMA = Layout(
         Row("o_proj.weight", ("D_out", "H*Dh"), ("w_o",), TRANSPOSE),
         Row("o_proj.bias", ("D_out",), ("b_o",), RESHAPE),
     ),
-    reads={"d_model": ("q_proj.weight", 1), "q_features": ("q_proj.weight", 0),
-           "d_kv": ("k_proj.weight", 1), "d_out": ("o_proj.weight", 0)},  # fmt: skip
+    reads={
+        "d_model": ("q_proj.weight", 1),
+        "q_features": ("q_proj.weight", 0),
+        "d_kv": ("k_proj.weight", 1),
+        "d_out": ("o_proj.weight", 0),
+    },
     requires=(("D_kv", "D"), ("D_out", "D")),  # H*Dh may differ from D (Gemma 3: 4*256 vs 640)
 )
 
@@ -165,14 +183,26 @@ FLAX = Layout(
         Row("out.kernel", ("H", "Dh", "D_out"), ("w_o",), RESHAPE),
         Row("out.bias", ("D_out",), ("b_o",), RESHAPE),
     ),
-    reads={"d_model": ("query.kernel", 0), "head_dim": ("query.kernel", 2),
-           "d_kv": ("key.kernel", 0), "d_out": ("out.kernel", 2)},  # fmt: skip
+    reads={
+        "d_model": ("query.kernel", 0),
+        "head_dim": ("query.kernel", 2),
+        "d_kv": ("key.kernel", 0),
+        "d_out": ("out.kernel", 2),
+    },
 )
 
 LAYOUTS = {"torch_mha": TORCH_MHA, "gpt2": GPT2, "bert": BERT, "llama": LLAMA, "flax": FLAX}
 
-OUR_LEGEND = dict(w_q="[D, H*Dh]", b_q="[H*Dh]", w_k="[D_kv, Hkv*Dh]", b_k="[Hkv*Dh]",
-                  w_v="[D_kv, Hkv*Dh]", b_v="[Hkv*Dh]", w_o="[H*Dh, D_out]", b_o="[D_out]")  # fmt: skip
+OUR_LEGEND = dict(
+    w_q="[D, H*Dh]",
+    b_q="[H*Dh]",
+    w_k="[D_kv, Hkv*Dh]",
+    b_k="[Hkv*Dh]",
+    w_v="[D_kv, Hkv*Dh]",
+    b_v="[Hkv*Dh]",
+    w_o="[H*Dh, D_out]",
+    b_o="[D_out]",
+)
 
 
 def import_params(
@@ -190,24 +220,32 @@ def import_params(
     table = _torch_table(layout, kdim=prefix + "in_proj_weight" not in tensors)
     for name in table.unsupported:
         if prefix + name in tensors:
-            raise _checks.fail("tensors", "hold only what MHAParams can (torch's add_bias_kv cannot)",
-                               f"{prefix + name!r}")  # fmt: skip
-    arrays = {row.source: np.asarray(tensors[prefix + row.source])
-              for row in table.rows if prefix + row.source in tensors}  # fmt: skip
+            raise _checks.fail(
+                "tensors", "hold only what MHAParams can (torch's add_bias_kv cannot)", f"{prefix + name!r}"
+            )
+    arrays = {
+        row.source: np.asarray(tensors[prefix + row.source])
+        for row in table.rows
+        if prefix + row.source in tensors
+    }
     for row in table.rows:
         if row.source in arrays:
             _checks.check_rank(prefix + row.source, arrays[row.source], len(row.shape), _legend(row))
         elif not row.ours[0].startswith("b_"):
             shown = sorted(tensors)[:8]
-            raise _checks.fail("tensors", f"contain {prefix + row.source!r} (layout {layout!r})",
-                               f"keys {shown}{' ...' if len(tensors) > 8 else ''}")  # fmt: skip
+            raise _checks.fail(
+                "tensors",
+                f"contain {prefix + row.source!r} (layout {layout!r})",
+                f"keys {shown}{' ...' if len(tensors) > 8 else ''}",
+            )
     sizes = _source_sizes(table, arrays, prefix, num_heads, num_kv_heads)
     _check_requires(table, sizes, layout)
     ours, shapes = {name: None for name in PARAM_NAMES}, param_shapes(**sizes)
     for row in table.rows:
         if row.source in arrays:
-            _checks.check_shape(prefix + row.source, arrays[row.source], _dims(row.shape, sizes),
-                                _legend(row))  # fmt: skip
+            _checks.check_shape(
+                prefix + row.source, arrays[row.source], _dims(row.shape, sizes), _legend(row)
+            )
             values = row.transform.to_ours(arrays[row.source], [shapes[n] for n in row.ours])
             ours.update(zip(row.ours, values, strict=True))
     return MHAParams(**ours)
@@ -230,8 +268,11 @@ def export_params(
             continue  # an absent bias
         for name, value in zip(row.ours, values, strict=True):
             if value is None:
-                raise _checks.fail(f"params.{name}", f"be set like params.{row.ours[0]} "
-                                   f"({layout!r} keeps them in one {row.source!r})", None)  # fmt: skip
+                raise _checks.fail(
+                    f"params.{name}",
+                    f"be set like params.{row.ours[0]} ({layout!r} keeps them in one {row.source!r})",
+                    None,
+                )
         source = row.transform.to_source([np.asarray(v) for v in values], _dims(row.shape, sizes))
         tensors[prefix + row.source] = np.ascontiguousarray(source)
     return tensors
@@ -248,8 +289,14 @@ def our_sizes(params: MHAParams, num_heads: int) -> dict[str, int]:
     _checks.check_divides("params.w_k.shape[1] (Hkv*Dh)", kv_features, "Dh", head_dim)
     num_kv_heads = kv_features // head_dim
     _checks.check_divides("num_heads", num_heads, "num_kv_heads", num_kv_heads)
-    sizes = dict(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                 head_dim=head_dim, d_kv=d_kv, d_out=np.shape(params.w_o)[1])  # fmt: skip
+    sizes = dict(
+        d_model=d_model,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        d_kv=d_kv,
+        d_out=np.shape(params.w_o)[1],
+    )
     for name, shape in param_shapes(**sizes).items():
         if getattr(params, name) is not None:
             _checks.check_shape(f"params.{name}", getattr(params, name), shape, OUR_LEGEND[name])
@@ -292,8 +339,9 @@ def _source_sizes(table, arrays, prefix, num_heads, num_kv_heads) -> dict[str, i
     got = {size: arrays[source].shape[axis] for size, (source, axis) in table.reads.items()}
     if "q_features" in got:
         source, axis = table.reads["q_features"]
-        _checks.check_divides(f"{prefix}{source}.shape[{axis}] (H*Dh)", got["q_features"],
-                              "num_heads", num_heads)  # fmt: skip
+        _checks.check_divides(
+            f"{prefix}{source}.shape[{axis}] (H*Dh)", got["q_features"], "num_heads", num_heads
+        )
         got["head_dim"] = got.pop("q_features") // num_heads
     return dict(got, num_heads=num_heads, num_kv_heads=num_kv_heads)
 
@@ -304,17 +352,24 @@ def _dims(shape: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
 
 def _symbols(sizes: dict[str, int]) -> dict[str, int]:
     heads, kv_heads, head_dim = sizes["num_heads"], sizes["num_kv_heads"], sizes["head_dim"]
-    return {"D": sizes["d_model"], "D_kv": sizes["d_kv"], "D_out": sizes["d_out"],
-            "H": heads, "Hkv": kv_heads, "Dh": head_dim, "H*Dh": heads * head_dim,
-            "Hkv*Dh": kv_heads * head_dim, "3*H*Dh": 3 * heads * head_dim}  # fmt: skip
+    return {
+        "D": sizes["d_model"],
+        "D_kv": sizes["d_kv"],
+        "D_out": sizes["d_out"],
+        "H": heads,
+        "Hkv": kv_heads,
+        "Dh": head_dim,
+        "H*Dh": heads * head_dim,
+        "Hkv*Dh": kv_heads * head_dim,
+        "3*H*Dh": 3 * heads * head_dim,
+    }
 
 
 def _check_requires(table: Layout, sizes: dict[str, int], layout: str) -> None:
     symbols = _symbols(sizes)
     for size, other in table.requires:
         if symbols[size] != symbols[other]:
-            raise _checks.fail(size, f"equal {other}={symbols[other]} in layout {layout!r}",
-                               symbols[size])  # fmt: skip
+            raise _checks.fail(size, f"equal {other}={symbols[other]} in layout {layout!r}", symbols[size])
 
 
 def _legend(row: Row) -> str:

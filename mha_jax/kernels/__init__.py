@@ -61,9 +61,10 @@ def choose(implementation: str, request: Request) -> Kernel:
         reasons = KERNELS[implementation].cannot(request)
         if reasons:
             raise ValueError(
-                f'implementation="{implementation}" cannot ' + "; cannot ".join(reasons)
+                f'implementation="{implementation}" cannot '
+                + "; cannot ".join(reasons)
                 + '. implementation="reference" supports every option.'
-            )  # fmt: skip
+            )
         return KERNELS[implementation]
     preferred = {"gpu": "cudnn", "tpu": "pallas"}.get(request.backend)
     if preferred and not KERNELS[preferred].cannot(request):
@@ -75,9 +76,17 @@ def choose(implementation: str, request: Request) -> Kernel:
 
 
 def attend(
-    q: Array, k: Array, v: Array, *, mask: Array | None, bias: Array | None,
-    structure: Structure, options: Options, rng: Array | None, return_weights: bool,
-) -> tuple[Array, Array | None]:  # fmt: skip
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    mask: Array | None,
+    bias: Array | None,
+    structure: Structure,
+    options: Options,
+    rng: Array | None,
+    return_weights: bool,
+) -> tuple[Array, Array | None]:
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk] or None)`.
 
     Unchecked: the public functions validate the call first. `kv_length` is
@@ -86,14 +95,14 @@ def attend(
     length_q, length_k = q.shape[0], k.shape[0]
     if structure.kv_length is not None:
         structure = structure._replace(kv_length=jnp.clip(structure.kv_length, 0, length_k))
-    request = Request.of(q, k, mask=mask, bias=bias, structure=structure, options=options,
-                         return_weights=return_weights)  # fmt: skip
+    request = Request.of(
+        q, k, mask=mask, bias=bias, structure=structure, options=options, return_weights=return_weights
+    )
     kernel = choose(options.implementation, request)
     if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
         weights = jnp.zeros((q.shape[1], length_q, length_k), v.dtype) if return_weights else None
         return jnp.zeros_like(q), weights
-    heads, weights = kernel.run(q, k, v, mask=mask, bias=bias, structure=structure,
-                                options=options, rng=rng)  # fmt: skip
+    heads, weights = kernel.run(q, k, v, mask=mask, bias=bias, structure=structure, options=options, rng=rng)
     return heads, weights if return_weights else None
 
 

@@ -46,7 +46,7 @@ def default_block_sizes(length_q: int, length_k: int) -> tuple[int, int]:
     """Blocks tuned on a 2-core x86 CPU (scripts/bench.py): big enough for
     efficient matmuls, small enough that a block of scores stays in cache.
     Keys up to 512 form one block: the backward then carries nothing between
-    key blocks, which at L=512 makes it ~1.6x faster than two blocks of 256."""
+    key blocks (faster at L=512 than two blocks of 256: README, "Benchmarks")."""
     block_q = min(512, _round_up(length_q, 8))
     block_k = _round_up(length_k, 8) if length_k <= 512 else 256
     return block_q, block_k
@@ -57,8 +57,7 @@ def cannot(request: Request) -> list[str]:
 
 
 def run(q, k, v, *, mask, bias, structure, options, rng):
-    return blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure,
-                               scale=options.scale), None  # fmt: skip
+    return blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure, scale=options.scale), None
 
 
 def blockwise_attention(
@@ -82,16 +81,21 @@ def blockwise_attention(
         _checks.check_block_sizes(block_sizes)
     block_q, block_k = block_sizes or default_block_sizes(length_q, length_k)
     config = Config(
-        block_q=block_q, block_k=block_k, length_q=length_q, length_k=length_k,
-        scale=head_dim**-0.5 if scale is None else float(scale), is_causal=structure.is_causal,
+        block_q=block_q,
+        block_k=block_k,
+        length_q=length_q,
+        length_k=length_k,
+        scale=head_dim**-0.5 if scale is None else float(scale),
+        is_causal=structure.is_causal,
         window=structure.window,
-    )  # fmt: skip
+    )
     # Positions are int32 whatever jax_enable_x64 says: block indices mix with them.
     q_offset = jnp.asarray(structure.q_offset, jnp.int32)
     # kv_length beyond Lk means "no padding", as in the reference: clamp, so the
     # zero keys that pad the last block are never taken for real ones.
-    kv_length = jnp.clip(jnp.asarray(length_k if structure.kv_length is None
-                                     else structure.kv_length), 0, length_k).astype(jnp.int32)  # fmt: skip
+    kv_length = jnp.clip(
+        jnp.asarray(length_k if structure.kv_length is None else structure.kv_length), 0, length_k
+    ).astype(jnp.int32)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, length_q, length_k))
     if bias is not None:
@@ -180,8 +184,7 @@ def _kv_blocks_of(i, structure: Structure, has_mask: bool, config: Config):
     lo, hi = _touching(*structure.keys_seen(first, last, config.length_k), config.block_k)
     if has_mask:
         return lo, lo, lo, hi
-    flo, fhi = _inside(*structure.keys_seen_by_all(first, last, config.length_k), config.block_k,
-                       (lo, hi))  # fmt: skip
+    flo, fhi = _inside(*structure.keys_seen_by_all(first, last, config.length_k), config.block_k, (lo, hi))
     return lo, flo, fhi, hi
 
 
@@ -192,8 +195,7 @@ def _q_blocks_of(j, structure: Structure, has_mask: bool, config: Config):
     lo, hi = _touching(*structure.rows_seeing(first, last, config.length_q), config.block_q)
     if has_mask:
         return lo, lo, lo, hi
-    flo, fhi = _inside(*structure.rows_seeing_all(first, last, config.length_q), config.block_q,
-                       (lo, hi))  # fmt: skip
+    flo, fhi = _inside(*structure.rows_seeing_all(first, last, config.length_q), config.block_q, (lo, hi))
     return lo, flo, fhi, hi
 
 
@@ -262,8 +264,12 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s - m_safe[..., None])  # [H, Bq, Bk]
             alpha = jnp.exp(m - m_safe)
-            pv = jnp.einsum("hgqk,hkd->hgqd", _grouped(p.astype(v.dtype), hkv), v_blocks[j],
-                            preferred_element_type=acc.dtype)  # fmt: skip
+            pv = jnp.einsum(
+                "hgqk,hkd->hgqd",
+                _grouped(p.astype(v.dtype), hkv),
+                v_blocks[j],
+                preferred_element_type=acc.dtype,
+            )
             acc = acc * _grouped(alpha, hkv)[..., None] + pv
             return m_new, row_sum * alpha + p.sum(axis=-1), acc
 
@@ -302,9 +308,10 @@ def _backward(config: Config, residuals, d_out):
     acc = _accumulator(q.dtype)
     # delta_i = rowsum(dO_i * O_i): the softmax Jacobian's correction term.
     delta_blocks = jnp.einsum(
-        "nhgqd,nhgqd->nhgq", do_blocks.astype(acc),
+        "nhgqd,nhgqd->nhgq",
+        do_blocks.astype(acc),
         _q_blocks(out, num_kv_heads, config).astype(acc),
-    ).reshape(lse_blocks.shape)  # [nq, H, Bq] # fmt: skip
+    ).reshape(lse_blocks.shape)  # [nq, H, Bq]
 
     def one_kv_block(carry, j):
         dq_all, dbias_all = carry  # [nq, Hkv, G, Bq, Dh] f32, [Hb, Lq', Lk'] f32 or None
@@ -318,15 +325,12 @@ def _backward(config: Config, residuals, d_out):
             if masked:
                 p = jnp.where(_block_mask(i, j, mask_b, structure, config), p, 0.0)
             p_g = _grouped(p, hkv)
-            dv = dv + jnp.einsum("hgqk,hgqd->hkd", p_g.astype(v.dtype), do_blk,
-                                 preferred_element_type=acc)  # fmt: skip
+            dv = dv + jnp.einsum("hgqk,hgqd->hkd", p_g.astype(v.dtype), do_blk, preferred_element_type=acc)
             dp = jnp.einsum("hgqd,hkd->hgqk", do_blk, v_blk, preferred_element_type=acc)
             ds = p_g * (dp - _grouped(delta_blocks[i], hkv)[..., None])  # [Hkv, G, Bq, Bk]
             # q_blk carries the scale when it was folded in; else scale dk below.
-            dk = dk + jnp.einsum("hgqk,hgqd->hkd", ds.astype(q.dtype), q_blk,
-                                 preferred_element_type=acc)  # fmt: skip
-            dq_blk = jnp.einsum("hgqk,hkd->hgqd", ds.astype(k.dtype), k_blk,
-                                preferred_element_type=acc)  # fmt: skip
+            dk = dk + jnp.einsum("hgqk,hgqd->hkd", ds.astype(q.dtype), q_blk, preferred_element_type=acc)
+            dq_blk = jnp.einsum("hgqk,hkd->hgqd", ds.astype(k.dtype), k_blk, preferred_element_type=acc)
             dq_all = dq_all.at[i].add(dq_blk)
             if dbias_all is not None:
                 ds_h = ds.reshape(-1, config.block_q, config.block_k)
@@ -338,8 +342,7 @@ def _backward(config: Config, residuals, d_out):
 
         lo, flo, fhi, hi = _q_blocks_of(j, structure, mask_b is not None, config)
         zeros = jnp.zeros_like(k_blk, acc)  # *_like: see the forward's carries
-        dk, dv, dq_all, dbias_all = _three_segments(step, lo, flo, fhi, hi,
-                                                    (zeros, zeros, dq_all, dbias_all))
+        dk, dv, dq_all, dbias_all = _three_segments(step, lo, flo, fhi, hi, (zeros, zeros, dq_all, dbias_all))
         return (dq_all, dbias_all), (dk if post_scale is None else dk * post_scale, dv)
 
     dq0 = jnp.zeros_like(q_blocks, acc)
@@ -361,7 +364,8 @@ def _backward(config: Config, residuals, d_out):
 
 def _one_example_at_a_time(fn):
     """Under `jax.vmap`, loop over the batch instead of widening every tile by B:
-    `[B, H, Bq, Bk]` tiles fall out of cache and run ~1.5x slower per example.
+    `[B, H, Bq, Bk]` tiles fall out of cache and run slower per example
+    (README, "Where the time goes").
     Only with a single device: a loop over the batch cannot be partitioned, so
     with several devices a batch sharded by `jit` would be gathered onto each."""
     if jax.device_count() > 1:

@@ -40,8 +40,9 @@ def xla_run(q, k, v, *, mask, bias, structure, options, rng):
         dense, bias = masks.combine(dense, finite), jnp.where(finite, bias, 0.0)
     if not structure.is_trivial:
         dense = masks.combine(dense, structure.allows(jnp.arange(length_q), jnp.arange(length_k)))
-    heads = _dot_product_attention(q, k, v, bias=bias, mask=dense, scale=_scale(q, options),
-                                   implementation="xla")  # fmt: skip
+    heads = _dot_product_attention(
+        q, k, v, bias=bias, mask=dense, scale=_scale(q, options), implementation="xla"
+    )
     if dense is None:
         return heads, None
     # jax.nn averages V over a row with no visible key; we return zeros.
@@ -79,9 +80,17 @@ def cudnn_run(q, k, v, *, mask, bias, structure, options, rng):
     is_causal = structure.is_causal or (window is not None and window[1] == 0)
     window = None if window is None else (window[0], 0)
     heads = _dot_product_attention(
-        q, k, v, bias=bias, mask=None, scale=_scale(q, options), implementation="cudnn",
-        is_causal=is_causal, key_value_seq_lengths=lengths, local_window_size=window,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        bias=bias,
+        mask=None,
+        scale=_scale(q, options),
+        implementation="cudnn",
+        is_causal=is_causal,
+        key_value_seq_lengths=lengths,
+        local_window_size=window,
+    )
     rows = structure.query_sees_any(length_q, length_k)  # [Lq]
     if bias is not None:  # rows whose visible keys all have -inf bias see nothing either
         visible = (bias > -jnp.inf).reshape(-1, length_q, length_k).any(axis=0)
@@ -96,5 +105,6 @@ def _scale(q, options) -> float:
 def _dot_product_attention(q, k, v, *, bias, mask, **options):
     """Per-example call of `jax.nn.dot_product_attention` (it wants a batch axis)."""
     expand = lambda x: None if x is None else x.reshape(-1, *x.shape[-2:])[None]
-    return jax.nn.dot_product_attention(q[None], k[None], v[None], bias=expand(bias),
-                                        mask=expand(mask), **options)[0]  # fmt: skip
+    return jax.nn.dot_product_attention(
+        q[None], k[None], v[None], bias=expand(bias), mask=expand(mask), **options
+    )[0]

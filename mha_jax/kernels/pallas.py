@@ -48,13 +48,19 @@ def run(q, k, v, *, mask, bias, structure, options, rng):
         from jax.experimental.pallas.ops.tpu import flash_attention as tpu
 
         to_bhld = lambda x: x.transpose(1, 0, 2)[None]
-        out = tpu.flash_attention(to_bhld(q), to_bhld(k), to_bhld(v), causal=structure.is_causal,
-                                  sm_scale=scale)  # fmt: skip
+        out = tpu.flash_attention(
+            to_bhld(q), to_bhld(k), to_bhld(v), causal=structure.is_causal, sm_scale=scale
+        )
         return out[0].transpose(1, 0, 2), None
     from jax.experimental.pallas.ops.gpu import attention as gpu
 
     out = gpu.mha(
-        q[None], k[None], v[None], segment_ids=None, sm_scale=scale, causal=structure.is_causal,
+        q[None],
+        k[None],
+        v[None],
+        segment_ids=None,
+        sm_scale=scale,
+        causal=structure.is_causal,
         interpret=jax.default_backend() == "cpu",
-    )  # fmt: skip
+    )
     return out[0], None

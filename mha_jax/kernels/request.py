@@ -36,9 +36,19 @@ class Request(NamedTuple):
         if backend == "gpu":
             text = getattr(jax.devices()[0], "compute_capability", "0.0")
             capability = tuple(int(part) for part in str(text).split(".")[:2])
-        return cls(backend, jnp.dtype(q.dtype), q.shape[0], k.shape[0], q.shape[2], structure,
-                   mask is not None, bias is not None, options.dropout_rate, return_weights,
-                   capability)  # fmt: skip
+        return cls(
+            backend,
+            jnp.dtype(q.dtype),
+            q.shape[0],
+            k.shape[0],
+            q.shape[2],
+            structure,
+            mask is not None,
+            bias is not None,
+            options.dropout_rate,
+            return_weights,
+            capability,
+        )
 
     @property
     def static_zero_offset(self) -> bool:
