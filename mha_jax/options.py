@@ -36,12 +36,15 @@ class Options:
                     stay float32 (float64 for float64).
     implementation: "auto", "reference", "blockwise", "xla", "cudnn" or "pallas"
                     (see `mha_jax.kernels`).
+    softcap:        logit soft-capping `cap · tanh(scores / cap)` of the scaled scores,
+                    before the bias and the mask (Gemma 2); None: off.
     """
 
     scale: float | None = None
     dropout_rate: float = 0.0
     dtype: Any = None
     implementation: str = "auto"
+    softcap: float | None = None
 
     def __post_init__(self):
         scale, rate = self.scale, self.dropout_rate
@@ -53,9 +56,13 @@ class Options:
         if not (is_real(rate) and 0.0 <= rate < 1.0):
             raise _checks.fail("dropout_rate", "lie in [0, 1)", rate)
         _checks.check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+        cap = self.softcap
+        if cap is not None and not (is_real(cap) and math.isfinite(cap) and cap > 0):
+            raise _checks.fail("softcap", "be a positive finite number or None", repr(cap))
         # Canonical, hashable forms: equal settings give equal (cache-hitting) values.
         object.__setattr__(self, "scale", None if scale is None else float(scale))
         object.__setattr__(self, "dropout_rate", float(rate))
+        object.__setattr__(self, "softcap", None if cap is None else float(cap))
         object.__setattr__(self, "dtype", _floating_dtype(self.dtype))
 
 

@@ -102,6 +102,12 @@ def attention_scores(
     return scores if post_scale is None else scores * post_scale
 
 
+def soft_cap(scores: Float[Array, "H Lq Lk"], cap: float | None) -> Float[Array, "H Lq Lk"]:
+    """`cap · tanh(scores / cap)`: logits squashed smoothly into (-cap, cap) (Gemma 2);
+    `None` leaves them as they are. In the scores' dtype (float32 or wider)."""
+    return scores if cap is None else cap * jnp.tanh(scores / cap)
+
+
 def fold_scale(q, scale: float):
     """`(q * scale, None)` where scaling the `[Lq, H, Dh]` queries can neither
     round nor overflow anything the float32 scores would not (float32 and wider;

@@ -51,7 +51,18 @@ def visible_np(
 
 
 def core_np(
-    q, k, v, *, mask=None, bias=None, is_causal=False, q_offset=0, kv_length=None, window=None, scale=None
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    bias=None,
+    is_causal=False,
+    q_offset=0,
+    kv_length=None,
+    window=None,
+    scale=None,
+    softcap=None,
 ):
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk])` in float64."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -83,7 +94,10 @@ def core_np(
             seen = allowed[h, i]
             if not seen.any():
                 continue  # nothing to attend to: zero weights, zero heads
-            logits = np.where(seen, q[i, h] @ kh.T * scale + np.where(seen, bias[h, i], 0), -np.inf)
+            logits = q[i, h] @ kh.T * scale
+            if softcap is not None:  # cap · tanh(logits / cap), before the bias and the mask
+                logits = softcap * np.tanh(logits / softcap)
+            logits = np.where(seen, logits + np.where(seen, bias[h, i], 0), -np.inf)
             e = np.exp(logits - logits[seen].max())
             weights[h, i] = e / e.sum()
             heads[i, h] = weights[h, i] @ vh
@@ -103,6 +117,7 @@ def attention_np(
     kv_length=None,
     window=None,
     scale=None,
+    softcap=None,
 ):
     """One example, float64. Returns (out [Lq, D_out], weights [H, Lq, Lk])."""
     f64 = lambda a: None if a is None else np.asarray(a, dtype=np.float64)
@@ -127,6 +142,7 @@ def attention_np(
         kv_length=kv_length,
         window=window,
         scale=scale,
+        softcap=softcap,
     )
     out = heads.reshape(heads.shape[0], -1) @ w_o + b(params.b_o, w_o.shape[1])
     return out, weights

@@ -51,6 +51,7 @@ CASES = {
     "window": dict(window=(1, 2)),
     "bias": dict(bias=np.random.default_rng(2).normal(size=(H, Lq, Lk))),
     "scale": dict(scale=0.3),
+    "softcap": dict(softcap=0.7, bias=np.random.default_rng(5).normal(size=(H, Lq, Lk)), scale=3.0),
     "everything": dict(
         mask=np.random.default_rng(3).random((Lq, Lk)) < 0.8,
         is_causal=True,
@@ -66,9 +67,9 @@ CASES = {
 def test_matches_float64_numpy(case, num_kv_heads):
     params, x_q, x_kv = make(num_kv_heads=num_kv_heads)
     options = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in CASES[case].items()}
-    out, weights = mj.attention(
-        params, x_q, x_kv, num_heads=H, return_weights=True, implementation="reference", **options
-    )
+    settings = {k: options.pop(k) for k in ("scale", "softcap") if k in options}  # as an Options value
+    options["options"] = mj.Options(implementation="reference", **settings)
+    out, weights = mj.attention(params, x_q, x_kv, num_heads=H, return_weights=True, **options)
     expected_out, expected_weights = attention_np(params, x_q, x_kv, num_heads=H, **CASES[case])
     np.testing.assert_allclose(weights, expected_weights, atol=1e-6)
     np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-5)

@@ -217,6 +217,18 @@ TABLE = [
         r"return_weights must be a Python bool; got",
     ),
     (
+        "softcap_zero",
+        lambda: mj.Options(softcap=0.0),
+        ValueError,
+        r"softcap must be a positive finite number or None; got 0.0",
+    ),
+    (
+        "xla_cannot_soft_cap",
+        lambda: one(options=mj.Options(implementation="xla", softcap=30.0))(),
+        ValueError,
+        r'implementation="xla" cannot apply a logit soft-cap',
+    ),
+    (
         "block_sizes_zero",
         lambda: mj.blockwise_attention(
             jnp.ones((4, 2, 8)), jnp.ones((4, 2, 8)), jnp.ones((4, 2, 8)), block_sizes=(0, 8)

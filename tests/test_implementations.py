@@ -22,28 +22,22 @@ from mha_jax.kernels import Request
 from mha_jax.masks import Structure
 
 
-def core(name, q, k, v, *, mask=None, bias=None, structure=None, scale=None, block_sizes=None):
+def core(name, q, k, v, *, mask=None, bias=None, structure=None, scale=None, softcap=None, block_sizes=None):
     """The kernel `name` on q, k, v: `kernels.attend`, the one call the library makes."""
     structure = Structure() if structure is None else structure
     if name == "blockwise" and block_sizes is not None:
         return mj.blockwise_attention(
-            q, k, v, mask=mask, bias=bias, structure=structure, scale=scale, block_sizes=block_sizes
-        )
+            q, k, v, mask=mask, bias=bias, structure=structure, scale=scale, softcap=softcap,
+            block_sizes=block_sizes,
+        )  # fmt: skip
+    options = mj.Options(scale=scale, softcap=softcap, implementation=name)
     return kernels.attend(
-        q,
-        k,
-        v,
-        mask=mask,
-        bias=bias,
-        structure=structure,
-        options=mj.Options(scale=scale, implementation=name),
-        rng=None,
-        return_weights=False,
+        q, k, v, mask=mask, bias=bias, structure=structure, options=options, rng=None, return_weights=False
     )[0]
 
 
 @st.composite
-def problems(draw, allow_mask=True, allow_bias=True):
+def problems(draw, allow_mask=True, allow_bias=True, allow_softcap=True):
     """Random sizes (not multiples of the blocks), GQA, structure, masks with
     mostly non-empty rows and some fully masked ones."""
     length_q, length_k = draw(st.integers(1, 40)), draw(st.integers(1, 40))
@@ -72,7 +66,9 @@ def problems(draw, allow_mask=True, allow_bias=True):
     k = jax.random.normal(rngs[1], (length_k, num_kv_heads, head_dim))
     v = jax.random.normal(rngs[2], (length_k, num_kv_heads, head_dim))
     blocks = (draw(st.sampled_from([4, 8, 16])), draw(st.sampled_from([4, 8, 16])))
+    softcap = draw(st.none() | st.sampled_from([0.5, 3.0])) if allow_softcap else None
     return dict(
+        softcap=softcap,
         q=q,
         k=k,
         v=v,
@@ -94,6 +90,7 @@ def assert_matches_reference(name, p, rtol=2e-5, atol=2e-5, grads=True):
             mask=p["mask"],
             bias=bias,
             structure=p["structure"],
+            softcap=p["softcap"],
             block_sizes=p["blocks"] if impl == "blockwise" else None,
         )
 
@@ -120,7 +117,7 @@ def test_blockwise_matches_reference(p):
 
 
 @settings(max_examples=int(6 * SCALE))
-@given(problems())
+@given(problems(allow_softcap=False))
 def test_xla_matches_reference(p):
     assert_matches_reference("xla", p)
 
@@ -140,6 +137,7 @@ def test_pallas_interpret_matches_reference(is_causal, num_kv_heads):
         bias=None,
         structure=Structure(is_causal=is_causal),
         blocks=None,
+        softcap=None,
         cotangent=jax.random.normal(rngs[3], q.shape),
     )
     assert_matches_reference("pallas", p, rtol=1e-4, atol=1e-4)

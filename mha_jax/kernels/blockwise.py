@@ -27,7 +27,7 @@ from jax import Array
 from mha_jax import _checks
 from mha_jax.kernels.request import Request, fused_limits
 from mha_jax.masks import Structure
-from mha_jax.stages import fold_scale
+from mha_jax.stages import fold_scale, soft_cap
 
 
 class Config(NamedTuple):
@@ -40,6 +40,7 @@ class Config(NamedTuple):
     scale: float
     is_causal: bool
     window: tuple[int, int] | None
+    softcap: float | None = None
 
 
 def default_block_sizes(length_q: int, length_k: int) -> tuple[int, int]:
@@ -47,7 +48,7 @@ def default_block_sizes(length_q: int, length_k: int) -> tuple[int, int]:
     efficient matmuls, small enough that a block of scores stays in cache.
     Keys up to 512 form one block: the backward then carries nothing between
     key blocks (faster at L=512 than two blocks of 256: README, "Benchmarks")."""
-    block_q = min(512, _round_up(length_q, 8))
+    block_q = length_q if length_q < 8 else min(512, _round_up(length_q, 8))  # decoding: no padding
     block_k = _round_up(length_k, 8) if length_k <= 512 else 256
     return block_q, block_k
 
@@ -57,7 +58,9 @@ def cannot(request: Request) -> list[str]:
 
 
 def run(q, k, v, *, mask, bias, structure, options, rng):
-    return blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure, scale=options.scale), None
+    return blockwise_attention(
+        q, k, v, mask=mask, bias=bias, structure=structure, scale=options.scale, softcap=options.softcap
+    ), None
 
 
 def blockwise_attention(
@@ -69,6 +72,7 @@ def blockwise_attention(
     bias: Array | None = None,  # float [Lq, Lk] or [H, Lq, Lk]
     structure: Structure | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     block_sizes: tuple[int, int] | None = None,
 ) -> Array:  # [Lq, H, Dh]
     """Same result as the reference kernel, without materialising the scores."""
@@ -88,6 +92,7 @@ def blockwise_attention(
         scale=head_dim**-0.5 if scale is None else float(scale),
         is_causal=structure.is_causal,
         window=structure.window,
+        softcap=None if softcap is None else float(softcap),
     )
     # Positions are int32 whatever jax_enable_x64 says: block indices mix with them.
     q_offset = jnp.asarray(structure.q_offset, jnp.int32)
@@ -206,10 +211,11 @@ def _three_segments(step, lo, flo, fhi, hi, carry):
     return jax.lax.fori_loop(fhi, hi, functools.partial(step, masked=True), carry)
 
 
-def _block_mask(i, j, mask, structure: Structure, config: Config):
-    """Visibility inside block (i, j): `[H or 1, Bq, Bk]` bool."""
+def _block_mask(i, j, mask, structure: Structure, config: Config, k_start=None):
+    """Visibility inside block (i, j): `[H or 1, Bq, Bk]` bool (keys from `k_start`, default j·Bk)."""
     q_pos = i * config.block_q + jnp.arange(config.block_q, dtype=jnp.int32)
-    k_pos = j * config.block_k + jnp.arange(config.block_k, dtype=jnp.int32)
+    k_start = j * config.block_k if k_start is None else k_start
+    k_pos = k_start + jnp.arange(config.block_k, dtype=jnp.int32)
     allowed = structure.allows(q_pos, k_pos)[None]
     block = _slice_block(mask, i, j, config)
     return allowed if block is None else allowed & block
@@ -220,14 +226,18 @@ def _accumulator(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _scores(q_blk, k_blk, bias_blk, post_scale: float | None):
-    """`[Hkv, G, Bq, Dh] x [Hkv, Bk, Dh] -> [H, Bq, Bk]` float32 (or float64) scores (+ bias)."""
+def _scores(q_blk, k_blk, post_scale: float | None, softcap: float | None):
+    """`[Hkv, G, Bq, Dh] x [Hkv, Bk, Dh] -> [H, Bq, Bk]` float32 (or float64) scores,
+    scaled and soft-capped (the bias is added by the caller)."""
     hkv, g, bq, dh = q_blk.shape
     acc = _accumulator(q_blk.dtype)
     s = jnp.einsum("hgqd,hkd->hgqk", q_blk, k_blk, preferred_element_type=acc)
     s = s.reshape(hkv * g, bq, k_blk.shape[1])
-    s = s if post_scale is None else s * post_scale
-    return s if bias_blk is None else s + bias_blk.astype(acc)
+    return soft_cap(s if post_scale is None else s * post_scale, softcap)
+
+
+def _plus(s, bias_blk):
+    return s if bias_blk is None else s + bias_blk.astype(s.dtype)
 
 
 def _grouped(x: Array, num_kv_heads: int) -> Array:
@@ -239,12 +249,40 @@ def _grouped(x: Array, num_kv_heads: int) -> Array:
 # Forward
 
 
+def _reads_in_place(config: Config, mask, bias) -> bool:
+    """One block of queries (a decoding step, a short prompt) and no dense mask or bias:
+    each key block is read once, so it is sliced where it lies instead of re-laid out
+    with the rest. A step then reads only the blocks it visits (the filled part of a
+    KV cache), not all `Lk` keys."""
+    return config.length_q <= config.block_q and mask is None and bias is None
+
+
+def _key_blocks(k, v, config: Config, in_place: bool):
+    """`kv(j) -> (k_blk [Hkv, Bk, Dh], v_blk, start)`: key block `j` and its first position.
+
+    In place, the last block may start earlier than `j·Bk` (slices stay inside
+    `[0, Lk)`): the caller hides its positions below `j·Bk`, seen by block j-1."""
+    if not in_place:
+        k_blocks, v_blocks = _kv_blocks(k, config), _kv_blocks(v, config)  # [nk, Hkv, Bk, Dh]
+        return lambda j: (k_blocks[j], v_blocks[j], j * config.block_k)
+    if k.shape[0] < config.block_k:  # shorter than one block: pad (small)
+        k, v = (_pad_axis(x, 0, config.block_k) for x in (k, v))
+
+    def kv(j):
+        start = jnp.minimum(j * config.block_k, k.shape[0] - config.block_k)
+        blk = lambda x: jax.lax.dynamic_slice_in_dim(x, start, config.block_k).transpose(1, 0, 2)
+        return blk(k), blk(v), start
+
+    return kv
+
+
 def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
     structure = _structure(q_offset, kv_length, config)
     num_kv_heads = k.shape[1]
     q, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
-    k_blocks, v_blocks = _kv_blocks(k, config), _kv_blocks(v, config)  # [nk, Hkv, Bk, Dh]
+    in_place = _reads_in_place(config, mask, bias)
+    kv = _key_blocks(k, v, config, in_place)
     mask = None if mask is None else _row_blocks(mask, config)
     bias = None if bias is None else _row_blocks(bias, config)
     hkv, g, bq, dh = q_blocks.shape[1:]
@@ -254,9 +292,13 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
 
         def step(j, carry, masked):
             m, row_sum, acc = carry  # [H, Bq], [H, Bq], [Hkv, G, Bq, Dh]
-            s = _scores(q_blk, k_blocks[j], _slice_block(bias, i, j, config), post_scale)
+            k_blk, v_blk, start = kv(j)
+            s = _plus(_scores(q_blk, k_blk, post_scale, config.softcap), _slice_block(bias, i, j, config))
             if masked:  # hidden entries become -inf: exp gives exactly 0
-                s = jnp.where(_block_mask(i, j, mask, structure, config), s, -jnp.inf)
+                visible = _block_mask(i, j, mask, structure, config, start)
+                if in_place:  # a last block moved back: its first keys belong to block j-1
+                    visible &= start + jnp.arange(config.block_k, dtype=jnp.int32) >= j * config.block_k
+                s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # Until a row meets a finite score (every visible score so far masked
             # or -inf bias) its max is -inf: shift by 0 so that exp never sees
@@ -265,10 +307,7 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
             p = jnp.exp(s - m_safe[..., None])  # [H, Bq, Bk]
             alpha = jnp.exp(m - m_safe)
             pv = jnp.einsum(
-                "hgqk,hkd->hgqd",
-                _grouped(p.astype(v.dtype), hkv),
-                v_blocks[j],
-                preferred_element_type=acc.dtype,
+                "hgqk,hkd->hgqd", _grouped(p.astype(v.dtype), hkv), v_blk, preferred_element_type=acc.dtype
             )
             acc = acc * _grouped(alpha, hkv)[..., None] + pv
             return m_new, row_sum * alpha + p.sum(axis=-1), acc
@@ -320,17 +359,21 @@ def _backward(config: Config, residuals, d_out):
         def step(i, inner, masked):
             dk, dv, dq_all, dbias_all = inner
             q_blk, do_blk = q_blocks[i], do_blocks[i]
-            s = _scores(q_blk, k_blk, _slice_block(bias_b, i, j, config), post_scale)
-            p = jnp.exp(s - lse_blocks[i][..., None])  # [H, Bq, Bk]
+            capped = _scores(q_blk, k_blk, post_scale, config.softcap)
+            p = jnp.exp(_plus(capped, _slice_block(bias_b, i, j, config)) - lse_blocks[i][..., None])
             if masked:
                 p = jnp.where(_block_mask(i, j, mask_b, structure, config), p, 0.0)
             p_g = _grouped(p, hkv)
             dv = dv + jnp.einsum("hgqk,hgqd->hkd", p_g.astype(v.dtype), do_blk, preferred_element_type=acc)
             dp = jnp.einsum("hgqd,hkd->hgqk", do_blk, v_blk, preferred_element_type=acc)
             ds = p_g * (dp - _grouped(delta_blocks[i], hkv)[..., None])  # [Hkv, G, Bq, Bk]
+            # Through the soft-cap: d(cap·tanh(s/cap))/ds = 1 - tanh² = 1 - (capped/cap)².
+            d_raw = ds
+            if config.softcap is not None:
+                d_raw = ds * (1 - jnp.square(_grouped(capped, hkv) / config.softcap))
             # q_blk carries the scale when it was folded in; else scale dk below.
-            dk = dk + jnp.einsum("hgqk,hgqd->hkd", ds.astype(q.dtype), q_blk, preferred_element_type=acc)
-            dq_blk = jnp.einsum("hgqk,hkd->hgqd", ds.astype(k.dtype), k_blk, preferred_element_type=acc)
+            dk = dk + jnp.einsum("hgqk,hgqd->hkd", d_raw.astype(q.dtype), q_blk, preferred_element_type=acc)
+            dq_blk = jnp.einsum("hgqk,hkd->hgqd", d_raw.astype(k.dtype), k_blk, preferred_element_type=acc)
             dq_all = dq_all.at[i].add(dq_blk)
             if dbias_all is not None:
                 ds_h = ds.reshape(-1, config.block_q, config.block_k)
@@ -362,31 +405,33 @@ def _backward(config: Config, residuals, d_out):
 # The differentiable op
 
 
-def _one_example_at_a_time(fn):
+def _one_example_at_a_time(fn, config: Config):
     """Under `jax.vmap`, loop over the batch instead of widening every tile by B:
     `[B, H, Bq, Bk]` tiles fall out of cache and run slower per example
-    (README, "Where the time goes").
-    Only with a single device: a loop over the batch cannot be partitioned, so
-    with several devices a batch sharded by `jit` would be gathered onto each."""
-    if jax.device_count() > 1:
+    (README, "Where the time goes"). Not for one block of queries (decoding),
+    whose tiles are small and whose loop would copy each example's keys out of
+    the batch. Only with a single device: a loop over the batch cannot be
+    partitioned, so with several devices a batch sharded by `jit` would be
+    gathered onto each."""
+    if jax.device_count() > 1 or config.length_q <= config.block_q:
         return fn
     return jax.custom_batching.sequential_vmap(fn)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _flash(q, k, v, mask, bias, q_offset, kv_length, config):
-    forward = _one_example_at_a_time(functools.partial(_forward, config=config))
+    forward = _one_example_at_a_time(functools.partial(_forward, config=config), config)
     return forward(q, k, v, mask, bias, q_offset, kv_length)[0]
 
 
 def _flash_fwd(q, k, v, mask, bias, q_offset, kv_length, config):
-    forward = _one_example_at_a_time(functools.partial(_forward, config=config))
+    forward = _one_example_at_a_time(functools.partial(_forward, config=config), config)
     out, lse = forward(q, k, v, mask, bias, q_offset, kv_length)
     return out, (q, k, v, mask, bias, q_offset, kv_length, out, lse)
 
 
 def _flash_bwd(config, residuals, d_out):
-    return _one_example_at_a_time(functools.partial(_backward, config))(residuals, d_out)
+    return _one_example_at_a_time(functools.partial(_backward, config), config)(residuals, d_out)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

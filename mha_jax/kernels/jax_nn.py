@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from mha_jax import masks
-from mha_jax.kernels.request import Request, float32_softmax_limits, fused_limits
+from mha_jax.kernels.request import Request, float32_softmax_limits, library_kernel_limits
 
 
 def xla_cannot(request: Request) -> list[str]:
-    reasons = fused_limits(request) + float32_softmax_limits(request)
+    reasons = library_kernel_limits(request) + float32_softmax_limits(request)
     if request.backend == "cpu" and request.dtype == jnp.float16:
         reasons.append("compute in float16 on backend 'cpu' (XLA:CPU has no F16_F16_F32 dot)")
     return reasons
@@ -51,7 +51,7 @@ def xla_run(q, k, v, *, mask, bias, structure, options, rng):
 
 
 def cudnn_cannot(request: Request) -> list[str]:
-    reasons = fused_limits(request)
+    reasons = library_kernel_limits(request)
     structure = request.structure
     if request.backend != "gpu":
         reasons.append(f"run on backend {request.backend!r} (it needs a GPU)")

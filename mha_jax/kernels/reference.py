@@ -1,6 +1,6 @@
 """The reference kernel: the chapter's stages, `[H, Lq, Lk]` scores in memory.
 
-    scores  = q kᵀ · scale (+ bias)          [H, Lq, Lk]  float32
+    scores  = softcap(q kᵀ · scale) (+ bias) [H, Lq, Lk]  float32
     weights = softmax(scores, where=visible) [H, Lq, Lk]  float32, hidden entries exactly 0
     heads   = dropout(weights) · v           [Lq, H, Dh]
 
@@ -14,7 +14,13 @@ import jax.numpy as jnp
 
 from mha_jax import masks
 from mha_jax.kernels.request import Request
-from mha_jax.stages import apply_weights, attention_scores, attention_weights, dropout_weights
+from mha_jax.stages import (
+    apply_weights,
+    attention_scores,
+    attention_weights,
+    dropout_weights,
+    soft_cap,
+)
 
 
 def cannot(request: Request) -> list[str]:
@@ -27,7 +33,7 @@ def run(q, k, v, *, mask, bias, structure, options, rng):
     if not structure.is_trivial:
         rules = structure.allows(jnp.arange(length_q), jnp.arange(length_k))  # [Lq, Lk]
         mask = masks.combine(mask, rules)
-    scores = attention_scores(q, k, options.scale)  # [H, Lq, Lk] float32
+    scores = soft_cap(attention_scores(q, k, options.scale), options.softcap)  # [H, Lq, Lk] float32
     if bias is not None:
         scores = scores + bias.astype(scores.dtype)
     weights = attention_weights(scores, mask).astype(v.dtype)  # [H, Lq, Lk]

@@ -26,6 +26,7 @@ class Request(NamedTuple):
     has_bias: bool
     dropout_rate: float  # the effective rate (Options carries 0 for a deterministic call)
     return_weights: bool
+    softcap: float | None = None
     gpu_capability: tuple[int, int] = (0, 0)  # compute capability of a GPU backend
 
     @classmethod
@@ -37,17 +38,18 @@ class Request(NamedTuple):
             text = getattr(jax.devices()[0], "compute_capability", "0.0")
             capability = tuple(int(part) for part in str(text).split(".")[:2])
         return cls(
-            backend,
-            jnp.dtype(q.dtype),
-            q.shape[0],
-            k.shape[0],
-            q.shape[2],
-            structure,
-            mask is not None,
-            bias is not None,
-            options.dropout_rate,
-            return_weights,
-            capability,
+            backend=backend,
+            dtype=jnp.dtype(q.dtype),
+            length_q=q.shape[0],
+            length_k=k.shape[0],
+            head_dim=q.shape[2],
+            structure=structure,
+            has_mask=mask is not None,
+            has_bias=bias is not None,
+            dropout_rate=options.dropout_rate,
+            return_weights=return_weights,
+            softcap=options.softcap,
+            gpu_capability=capability,
         )
 
     @property
@@ -64,6 +66,14 @@ def fused_limits(request: Request) -> list[str]:
         reasons.append("apply dropout (it has no dropout)")
     if request.return_weights:
         reasons.append("return the attention weights (it never materialises them)")
+    return reasons
+
+
+def library_kernel_limits(request: Request) -> list[str]:
+    """Kernels from other libraries (jax.nn, Pallas): fused, and no soft-cap."""
+    reasons = fused_limits(request)
+    if request.softcap is not None:
+        reasons.append("apply a logit soft-cap (softcap)")
     return reasons
 
 
