@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from mha_jax import _checks
+from mha_jax.decoding.rope import rotary_size
 from mha_jax.masks import Structure, normalize_window
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
@@ -121,6 +122,15 @@ def check_call(
     _checks.check_divides("num_heads", num_heads, "num_kv_heads", num_kv_heads)
     _checks.check_shape("params.w_v", params.w_v, (d_kv, kv_features), "[D_kv, Hkv*Dh]")
     _checks.check_shape("params.w_o", params.w_o, (q_features, None), "[H*Dh, D_out]")
+    norms = [name for name in ("q_norm", "k_norm") if getattr(params, name) is not None]
+    if len(norms) == 1:
+        raise _checks.fail(
+            "params.q_norm and params.k_norm", "be given together (QK-norm)", f"only {norms[0]}"
+        )
+    for name in norms:
+        _checks.check_shape(f"params.{name}", getattr(params, name), (head_dim,), "[Dh]")
+    if options.rope is not None:
+        rotary_size(options.rope, head_dim, name="the head width Dh")
     for name, width in (
         ("b_q", q_features),
         ("b_k", kv_features),

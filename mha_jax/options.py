@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mha_jax import _checks
+from mha_jax.decoding.rope import RoPE
 
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "xla", "cudnn", "pallas")
 
@@ -38,6 +39,10 @@ class Options:
                     (see `mha_jax.kernels`).
     softcap:        logit soft-capping `cap · tanh(scores / cap)` of the scaled scores,
                     before the bias and the mask (Gemma 2); None: off.
+    rope:           rotary position embeddings (`mha_jax.decoding.RoPE`) applied to q and
+                    k after the head split (and QK-norm): query i sits at position
+                    i + q_offset, key j at j; a KV cache stores its keys rotated. None: off.
+    qk_norm_eps:    the epsilon of the QK-norm (used when the params hold q_norm, k_norm).
     """
 
     scale: float | None = None
@@ -45,6 +50,8 @@ class Options:
     dtype: Any = None
     implementation: str = "auto"
     softcap: float | None = None
+    rope: RoPE | None = None
+    qk_norm_eps: float = 1e-6
 
     def __post_init__(self):
         scale, rate = self.scale, self.dropout_rate
@@ -59,6 +66,12 @@ class Options:
         cap = self.softcap
         if cap is not None and not (is_real(cap) and math.isfinite(cap) and cap > 0):
             raise _checks.fail("softcap", "be a positive finite number or None", repr(cap))
+        if self.rope is not None and not isinstance(self.rope, RoPE):
+            raise TypeError(f"rope must be a mha_jax.decoding.RoPE or None; got {self.rope!r}")
+        eps = self.qk_norm_eps
+        if not (is_real(eps) and math.isfinite(eps) and eps > 0):
+            raise _checks.fail("qk_norm_eps", "be a positive finite number", repr(eps))
+        object.__setattr__(self, "qk_norm_eps", float(eps))
         # Canonical, hashable forms: equal settings give equal (cache-hitting) values.
         object.__setattr__(self, "scale", None if scale is None else float(scale))
         object.__setattr__(self, "dropout_rate", float(rate))

@@ -7,10 +7,14 @@ contiguous split of GPT-2, PyTorch and Flax):
     w_k [D_kv, Hkv*Dh]   b_k [Hkv*Dh]
     w_v [D_kv, Hkv*Dh]   b_v [Hkv*Dh]
     w_o [H*Dh, D_out]    b_o [D_out]
+    q_norm [Dh]          k_norm [Dh]          (QK-norm scales; optional)
 
-Biases are `None` when `use_bias=False`. The Flax modules create exactly these
-arrays through `param_shapes` and `init_param`, so a checkpoint of one loads
-into the others.
+Biases are `None` when `use_bias=False`; the QK-norm scales are `None` unless
+`qk_norm=True` (then q and k are RMS-normalised per head before RoPE and the
+scores, as in Qwen3, OLMo 2 and Gemma 3; scales start at 1 and are applied as
+they are: a Gemma checkpoint's `1 + w` is converted when it is imported). The
+Flax modules create exactly these arrays through `param_shapes` and
+`init_param`, so a checkpoint of one loads into the others.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ Initializer = Callable[[Array, tuple[int, ...], jnp.dtype], Array]
 default_kernel_init: Initializer = jax.nn.initializers.lecun_normal()
 default_bias_init: Initializer = jax.nn.initializers.zeros
 
-PARAM_NAMES = ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o")
+PROJECTION_NAMES = ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o")
+NORM_NAMES = ("q_norm", "k_norm")
+PARAM_NAMES = PROJECTION_NAMES + NORM_NAMES
 
 
 class MHAParams(NamedTuple):
@@ -41,6 +47,8 @@ class MHAParams(NamedTuple):
     b_v: Array | None
     w_o: Array
     b_o: Array | None
+    q_norm: Array | None = None
+    k_norm: Array | None = None
 
 
 def resolve_sizes(
@@ -84,8 +92,9 @@ def param_shapes(
     d_kv: int,
     d_out: int,
     use_bias: bool = True,
+    qk_norm: bool = False,
 ) -> dict[str, tuple[int, ...] | None]:
-    """Shape of every parameter by name; `None` for an absent bias."""
+    """Shape of every parameter by name; `None` for an absent bias or QK-norm scale."""
     q_features, kv_features = num_heads * head_dim, num_kv_heads * head_dim
     shapes = dict(
         w_q=(d_model, q_features),
@@ -96,9 +105,11 @@ def param_shapes(
         b_v=(kv_features,),
         w_o=(q_features, d_out),
         b_o=(d_out,),
+        q_norm=(head_dim,) if qk_norm else None,
+        k_norm=(head_dim,) if qk_norm else None,
     )
     if not use_bias:
-        shapes = {name: (None if name.startswith("b_") else s) for name, s in shapes.items()}
+        shapes = {name: (None if name.startswith("b_") else shape) for name, shape in shapes.items()}
     return shapes
 
 
@@ -110,6 +121,8 @@ def init_param(
     kernel_init: Initializer = default_kernel_init,
     bias_init: Initializer = default_bias_init,
 ) -> Array:
+    if name in NORM_NAMES:  # scales start at 1: the norm alone, no random draw
+        return jnp.ones(shape, dtype)
     init = bias_init if name.startswith("b_") else kernel_init
     return init(rng, shape, dtype)
 
@@ -124,18 +137,19 @@ def init_params(
     d_kv: int | None = None,
     d_out: int | None = None,
     use_bias: bool = True,
+    qk_norm: bool = False,
     dtype=jnp.float32,
     kernel_init: Initializer = default_kernel_init,
     bias_init: Initializer = default_bias_init,
 ) -> MHAParams:
-    """Random projections (LeCun normal, as Flax) and zero biases."""
+    """Random projections (LeCun normal, as Flax), zero biases, unit QK-norm scales."""
     sizes = resolve_sizes(
         d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, d_kv=d_kv, d_out=d_out
     )
-    rngs = dict(zip(PARAM_NAMES, jax.random.split(rng, len(PARAM_NAMES)), strict=True))
+    rngs = dict(zip(PROJECTION_NAMES, jax.random.split(rng, len(PROJECTION_NAMES)), strict=True))
     return build_params(
-        lambda name, shape: init_param(rngs[name], name, shape, dtype, kernel_init, bias_init),
-        param_shapes(**sizes, use_bias=use_bias),
+        lambda name, shape: init_param(rngs.get(name), name, shape, dtype, kernel_init, bias_init),
+        param_shapes(**sizes, use_bias=use_bias, qk_norm=qk_norm),
     )
 
 

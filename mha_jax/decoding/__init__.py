@@ -8,6 +8,7 @@ even, <= Dh); F = R/2 rotation frequencies.
     k = apply_rope(qk_norm(k, k_scale), positions, rope)   # [L, Hkv, Dh]
 """
 
+from mha_jax.decoding.cache import KVCache, init_cache
 from mha_jax.decoding.qk_norm import qk_norm, rms_norm
 from mha_jax.decoding.rope import (
     HF_ROPE_TYPES,
@@ -23,6 +24,9 @@ from mha_jax.decoding.rope import (
 )
 
 __all__ = [
+    "KVCache",
+    "cached_attention",
+    "init_cache",
     "HF_ROPE_TYPES",
     "LAYOUTS",
     "LinearScaling",
@@ -36,3 +40,13 @@ __all__ = [
     "rms_norm",
     "scaling_from_hf",
 ]
+
+
+def __getattr__(name: str):
+    # The cached call builds on mha_jax.core, which imports this package's RoPE and
+    # QK-norm: it is loaded on first use, so that importing either never cycles.
+    if name == "cached_attention":
+        from mha_jax.decoding.step import cached_attention
+
+        return cached_attention
+    raise AttributeError(f"module 'mha_jax.decoding' has no attribute {name!r}")

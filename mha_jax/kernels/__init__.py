@@ -8,7 +8,9 @@
     "pallas"     JAX's Pallas flash kernels (GPU Triton, TPU)       O(L)
     "auto"       cuDNN on GPU and Pallas on TPU when they can honour the call; on
                  CPU the reference below BLOCKWISE_MIN_PAIRS (query, key) pairs,
-                 blockwise above; the reference whenever dropout or weights are asked
+                 blockwise above, and blockwise for a padded or cached Lk above
+                 BLOCKWISE_MIN_CACHE (it skips the empty blocks); the reference
+                 whenever dropout or weights are asked
 
 Each kernel is one entry: what it `cannot` do for a `Request` and how it
 `run`s. `attend` makes the one call. An explicit choice that cannot honour an
@@ -53,6 +55,7 @@ assert tuple(KERNELS) == IMPLEMENTATIONS[1:], "options.IMPLEMENTATIONS names the
 # fastest on CPU (one fused pass beats a loop of blocks); from L=512 up the
 # blockwise path wins forward and backward (docs/bench_time.md).
 BLOCKWISE_MIN_PAIRS = 512 * 512
+BLOCKWISE_MIN_CACHE = 512
 
 
 def choose(implementation: str, request: Request) -> Kernel:
@@ -70,7 +73,9 @@ def choose(implementation: str, request: Request) -> Kernel:
     if preferred and not KERNELS[preferred].cannot(request):
         return KERNELS[preferred]
     long = request.length_q * request.length_k >= BLOCKWISE_MIN_PAIRS
-    if long and not KERNELS["blockwise"].cannot(request):
+    # A KV cache (kv_length over many slots): blockwise visits the filled blocks only.
+    cache = request.structure.kv_length is not None and request.length_k > BLOCKWISE_MIN_CACHE
+    if (long or cache) and not KERNELS["blockwise"].cannot(request):
         return KERNELS["blockwise"]
     return KERNELS["reference"]
 

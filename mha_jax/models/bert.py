@@ -242,7 +242,11 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], config: BertConfig) -> Be
     for i in range(config.num_layers):  # sizes already checked against the LayerNorms above
         params = import_params("bert", tensors, num_heads=config.num_heads, prefix=f"encoder.layer.{i}.")
         ours.update(
-            {f"blocks.{i}.attention.{n}": np.asarray(v, np.float32) for n, v in params._asdict().items()}
+            {
+                f"blocks.{i}.attention.{n}": np.asarray(v, np.float32)
+                for n, v in params._asdict().items()
+                if v is not None  # BERT has no QK-norm scales
+            }
         )
     nnx.replace_by_pure_dict(state, unflatten(ours))
     nnx.update(model, state)

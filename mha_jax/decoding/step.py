@@ -1,0 +1,141 @@
+"""One call for prefill and decode: attend new tokens against a KV cache.
+
+    out, cache = cached_attention(params, x [B, T, D], cache, num_heads=H)
+
+For each example: project the T new tokens; QK-norm and RoPE q and k at their
+positions (`cache.length + 0..T-1` unless `positions` says otherwise); append
+the first `lengths[b]` keys and values to the cache; attend the queries to the
+filled slots, causally (query t sees slots up to `length + t`), within a sliding
+`window` if given; merge and project. Prefilling a prompt, then decoding one
+token at a time, gives the outputs of one causal forward over the sequence.
+
+A padded batch of prompts is ragged: `lengths` [B] says how many of the T rows
+of each example are real; only those are appended, and the rows past them get
+zero heads (their output is the output bias). The blockwise kernel ("auto" picks it for a cache longer than
+512 slots) visits only the filled key blocks, so a step costs what the filled
+length costs, whatever the capacity.
+
+Appending past the capacity: eagerly, a ValueError. Under `jax.jit` the tokens
+that do not fit are dropped and `length` stops at the capacity (lengths are
+traced, so no error can be raised there for free); `check_capacity=True` adds
+a host callback that raises the same error at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike, DTypeLike
+
+from mha_jax import _checks, _validate, kernels
+from mha_jax.core import normalize_qk
+from mha_jax.decoding.cache import KVCache, append, check_room, raise_if_full
+from mha_jax.decoding.rope import apply_rope
+from mha_jax.masks import Structure, normalize_window
+from mha_jax.options import Options
+from mha_jax.params import MHAParams
+from mha_jax.stages import merge_project, project_heads
+
+
+def cached_attention(
+    params: MHAParams,
+    x: ArrayLike,
+    cache: KVCache,
+    *,
+    num_heads: int,
+    lengths: ArrayLike | None = None,
+    positions: ArrayLike | None = None,
+    window: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+    dtype: DTypeLike | None = None,
+    implementation: str = "auto",
+    options: Options | None = None,
+    check_capacity: bool = False,
+) -> tuple[Array, KVCache]:
+    """Self-attention of `x [B, T, D]` over `cache` and itself: `(out [B, T, D_out], cache)`.
+
+    lengths:   [B] int, new rows per example to keep (default: all T).
+    positions: [B, T] int RoPE positions (default: `cache.length[b] + t`).
+    window:    sliding window; keys more than `left` slots back are hidden.
+    scale, dtype, implementation: the settings, or `options=Options(...)` (its
+    rope, softcap and qk_norm_eps apply; dropout does not: decoding is deterministic).
+    """
+    structure, options = _validate.settle(
+        None, options, deterministic=True, is_causal=False, q_offset=0, kv_length=None, window=None,
+        scale=scale, dropout_rate=0.0, dtype=dtype, implementation=implementation,
+    )  # fmt: skip
+    window = normalize_window(window)
+    x = _checks.as_array("x", x)
+    _checks.check_bool_flag("check_capacity", check_capacity)
+    sizes = _validate.check_call(params, x, x, num_heads=num_heads, mask=None, bias=None,
+                                 structure=structure, options=options, rng=None, return_weights=False,
+                                 batch=x.shape[0] if jnp.ndim(x) == 3 else 0)  # fmt: skip
+    batch, new = x.shape[:2]
+    check_cache(cache, batch, sizes)
+    lengths = jnp.full((batch,), new, jnp.int32) if lengths is None else _checks.as_array("lengths", lengths)
+    _checks.check_integer("lengths", lengths)
+    _checks.check_shape("lengths", lengths, (batch,), "[B]")
+    if positions is not None:
+        positions = _checks.as_array("positions", positions)
+        _checks.check_integer("positions", positions)
+        _checks.check_shape("positions", positions, (batch, new), "[B, T]")
+    check_room(cache, lengths)
+    if check_capacity:
+        jax.debug.callback(raise_if_full, cache.length + lengths, cache.capacity, ordered=True)
+    return _cached(params, x, cache, lengths, positions, num_heads=num_heads, window=window,
+                   options=options)  # fmt: skip
+
+
+def check_cache(cache: KVCache, batch: int, sizes: _validate.Sizes) -> None:
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be an mha_jax.decoding.KVCache; got {type(cache).__name__}")
+    legend = f"[B, S, Hkv, Dh]=({batch}, *, {sizes.num_kv_heads}, {sizes.head_dim}) (Hkv and Dh of params)"
+    for name in ("k", "v"):
+        array = getattr(cache, name)
+        ok = jnp.ndim(array) == 4 and tuple(jnp.shape(array)[i] for i in (0, 2, 3)) == (
+            batch, sizes.num_kv_heads, sizes.head_dim)  # fmt: skip
+        if not ok:
+            raise _checks.fail(f"cache.{name}", f"have shape {legend}", f"shape {tuple(jnp.shape(array))}")
+    _checks.check_shape("cache.v", cache.v, cache.k.shape, "cache.k's shape")
+    _checks.check_integer("cache.length", cache.length)
+    _checks.check_shape("cache.length", cache.length, (batch,), "[B]")
+
+
+def _cached(params, x, cache: KVCache, lengths, positions, *, num_heads, window, options: Options):
+    """The data path, unchecked."""
+    dtype = x.dtype if options.dtype is None else options.dtype
+    params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+    batch, new, _ = x.shape
+    kept = jnp.arange(new) < lengths[:, None]  # [B, T]: the real rows of a ragged batch
+    x = jnp.where(kept[..., None], x.astype(dtype), 0)  # padding holds anything: zero it
+    num_kv_heads = cache.k.shape[2]
+
+    rows = x.reshape(batch * new, x.shape[2])  # [B·T, D]
+    q = project_heads(rows, params.w_q, params.b_q, num_heads)  # [B·T, H, Dh]
+    k = project_heads(rows, params.w_k, params.b_k, num_kv_heads)  # [B·T, Hkv, Dh]
+    v = project_heads(rows, params.w_v, params.b_v, num_kv_heads)  # [B·T, Hkv, Dh]
+    q, k = normalize_qk(params, q, k, options)
+    unrows = lambda a: a.reshape(batch, new, *a.shape[1:])
+    if positions is None:
+        positions = cache.length[:, None] + jnp.arange(new, dtype=jnp.int32)  # [B, T]
+    # The cache holds rotated keys: rotate the new ones here, never again.
+    plain = dataclasses.replace(options, rope=None)
+
+    def one(q, k, v, k_cache, v_cache, length, count, positions):
+        if options.rope is not None:
+            q, k = apply_rope(q, positions, options.rope), apply_rope(k, positions, options.rope)
+        k_cache, v_cache, filled = append(k_cache, v_cache, length, k, v, count)
+        structure = Structure(is_causal=True, q_offset=length, kv_length=filled, window=window)
+        heads, _ = kernels.attend(q, k_cache, v_cache, mask=None, bias=None, structure=structure,
+                                  options=plain, rng=None, return_weights=False)  # fmt: skip
+        heads = jnp.where((jnp.arange(new) < count)[:, None, None], heads, 0)  # [T, H, Dh]
+        return heads, k_cache, v_cache, filled
+
+    heads, k_cache, v_cache, length = jax.vmap(one)(
+        unrows(q), unrows(k), unrows(v), cache.k, cache.v, cache.length, lengths, positions
+    )  # [B, T, H, Dh]
+    out = merge_project(heads.reshape(batch * new, *heads.shape[2:]), params.w_o, params.b_o)
+    return out.reshape(batch, new, -1), KVCache(k_cache, v_cache, length)

@@ -1,0 +1,199 @@
+"""KV-cache decoding: prefill + step-by-step decode equals one causal forward,
+for ragged batches, GQA, a sliding window, soft-capping, QK-norm and RoPE, on
+the reference and blockwise kernels; gradients through a prefill; an in-place
+cache update under donation; bad input named."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mha_jax as mj
+from mha_jax.decoding import KVCache, RoPE, cached_attention, init_cache
+from tests.reference import normal
+
+B, T, D, H, HKV, DH = 3, 11, 24, 6, 2, 4
+PROMPTS = jnp.array([5, 1, 8])  # a ragged, right-padded batch of prompts
+CAPACITY = 40
+
+FEATURES = {
+    "plain": dict(),
+    "window": dict(window=(3, 0)),
+    "softcap": dict(options=dict(softcap=2.0, scale=1.5)),
+    "qk_norm_rope": dict(options=dict(rope=RoPE(theta=500.0, rotary_dim=2)), qk_norm=True),
+    "rope_interleaved_window": dict(options=dict(rope=RoPE(layout="interleaved")), window=4),
+}
+
+
+def layer(qk_norm=False):
+    params = mj.init_params(jax.random.PRNGKey(0), D, H, num_kv_heads=HKV, qk_norm=qk_norm)
+    params = params._replace(b_q=normal(1, (H * DH,)), b_k=normal(2, (HKV * DH,)), b_o=normal(3, (D,)))
+    if qk_norm:  # non-trivial scales, so that a skipped norm cannot pass
+        params = params._replace(q_norm=1 + 0.3 * normal(4, (DH,)), k_norm=1 - 0.3 * normal(5, (DH,)))
+    return params
+
+
+@functools.cache
+def steps(implementation, window, options_items):
+    options = mj.Options(implementation=implementation, **dict(options_items))
+    step = functools.partial(cached_attention, num_heads=H, window=window, options=options)
+    full = functools.partial(
+        mj.batched_attention, num_heads=H, is_causal=True, window=window, options=options
+    )
+    return jax.jit(step), full
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("implementation", ["reference", "blockwise"])
+def test_prefill_then_decode_equals_one_causal_forward(implementation, feature):
+    spec = FEATURES[feature]
+    params = layer(spec.get("qk_norm", False))
+    x = normal(6, (B, T, D))
+    step, full = steps(implementation, spec.get("window"), tuple(sorted(spec.get("options", {}).items())))
+    expected = full(params, x)  # [B, T, D]
+
+    cache = init_cache(B, CAPACITY, HKV, DH)
+    out, cache = step(params, x[:, :8], cache, lengths=PROMPTS)  # prefill: each its own prompt
+    np.testing.assert_array_equal(cache.length, PROMPTS)
+    for b in range(B):
+        np.testing.assert_allclose(out[b, : PROMPTS[b]], expected[b, : PROMPTS[b]], rtol=1e-5, atol=1e-5)
+        # padding rows get zero heads: the output bias alone
+        padding = out[b, PROMPTS[b] :]
+        np.testing.assert_allclose(padding, jnp.broadcast_to(params.b_o, padding.shape))
+    # then one token at a time, each example from where its prompt ended
+    for _ in range(T - int(PROMPTS.min())):
+        position = jnp.minimum(cache.length, T - 1)
+        active = cache.length < T
+        out, cache = step(
+            params, x[jnp.arange(B), position][:, None], cache, lengths=active.astype(jnp.int32)
+        )
+        for b in np.flatnonzero(active):
+            np.testing.assert_allclose(out[b, 0], expected[b, position[b]], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache.length, T)
+
+
+def test_gradients_through_a_prefill_step():
+    params = layer(qk_norm=True)
+    x = normal(7, (B, 9, D))
+    options = mj.Options(rope=RoPE(), implementation="blockwise")
+    cotangent = normal(8, (B, 9, D))
+
+    def prefill(params, x):
+        out, _ = cached_attention(params, x, init_cache(B, CAPACITY, HKV, DH), num_heads=H, options=options)
+        return (out * cotangent).sum()
+
+    def full(params, x):
+        return (
+            mj.batched_attention(params, x, num_heads=H, is_causal=True, options=options) * cotangent
+        ).sum()
+
+    chex.assert_trees_all_close(
+        jax.jit(jax.grad(prefill, argnums=(0, 1)))(params, x),
+        jax.grad(full, argnums=(0, 1))(params, x),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_explicit_positions_equal_the_default_ones_and_rotate_the_cached_keys():
+    params = layer()
+    options = mj.Options(rope=RoPE())
+    x = normal(9, (B, 4, D))
+    cache = init_cache(B, CAPACITY, HKV, DH)._replace(length=jnp.array([0, 3, 6], jnp.int32))
+    default, _ = cached_attention(params, x, cache, num_heads=H, options=options)
+    positions = cache.length[:, None] + jnp.arange(4)
+    explicit, _ = cached_attention(params, x, cache, num_heads=H, options=options, positions=positions)
+    np.testing.assert_array_equal(default, explicit)
+    moved, moved_cache = cached_attention(
+        params, x, cache, num_heads=H, options=options, positions=positions + 7
+    )
+    assert not np.allclose(moved, default)
+    assert not np.allclose(
+        moved_cache.k, cached_attention(params, x, cache, num_heads=H, options=options)[1].k
+    )
+
+
+def test_cache_is_updated_in_place_under_donation():
+    """With the cache donated, XLA aliases it to the output: no second cache-sized buffer."""
+    params = layer()
+    cache = init_cache(2, 4096, HKV, DH)
+    x = normal(10, (2, 1, D))
+    step = jax.jit(functools.partial(cached_attention, num_heads=H), donate_argnums=(2,))
+    compiled = step.lower(params, x, cache).compile()
+    cache_bytes = cache.k.nbytes + cache.v.nbytes
+    memory = compiled.memory_analysis()
+    assert memory.alias_size_in_bytes >= cache_bytes, memory
+    assert memory.temp_size_in_bytes < cache.k.nbytes / 4, memory  # blocks, not copies of the cache
+    out, cache = step(params, x, cache)
+    np.testing.assert_array_equal(cache.length, [1, 1])
+
+
+def test_a_step_costs_what_the_filled_length_costs():
+    """The same step at 512 filled slots compiles to the same temporary memory whatever
+    the capacity: the blockwise kernel reads blocks of the cache, never all of it."""
+    params = layer()
+    x = normal(11, (1, 1, D))
+    temp = []
+    for capacity in (1024, 32768):
+        cache = init_cache(1, capacity, HKV, DH)._replace(length=jnp.array([512], jnp.int32))
+        compiled = jax.jit(functools.partial(cached_attention, num_heads=H)).lower(params, x, cache).compile()
+        temp.append(compiled.memory_analysis().temp_size_in_bytes)
+    assert temp[1] <= 2 * temp[0] + 65536, temp
+
+
+def test_appending_past_the_capacity():
+    params = layer()
+    cache = init_cache(2, 8, HKV, DH)._replace(length=jnp.array([6, 2], jnp.int32))
+    x = normal(12, (2, 3, D))
+    with pytest.raises(ValueError, match=r"cache must have room for the new tokens \(capacity S=8\); "
+                                         r"got examples \[0\] would hold \[9\] positions"):  # fmt: skip
+        cached_attention(params, x, cache, num_heads=H)
+    # Under jit: the tokens that do not fit are dropped and length stops at the capacity...
+    step = jax.jit(functools.partial(cached_attention, num_heads=H))
+    _, full = step(params, x, cache)
+    np.testing.assert_array_equal(full.length, [8, 5])
+    # ...unless the checked mode is on: then the step raises at run time.
+    checked = jax.jit(functools.partial(cached_attention, num_heads=H, check_capacity=True))
+    with pytest.raises(Exception, match=r"cache must have room for the new tokens"):
+        jax.block_until_ready(checked(params, x, cache))
+
+
+BAD = [
+    ("cache_heads", dict(cache=init_cache(B, 8, HKV + 1, DH)), ValueError,
+     r"cache.k must have shape \[B, S, Hkv, Dh\]=\(3, \*, 2, 4\) \(Hkv and Dh of params\); "
+     r"got shape \(3, 8, 3, 4\)"),
+    ("cache_head_width", dict(cache=init_cache(B, 8, HKV, DH * 2)), ValueError, r"cache.k must have shape"),
+    ("cache_batch", dict(cache=init_cache(B + 1, 8, HKV, DH)), ValueError, r"cache.k must have shape"),
+    ("cache_not_a_cache", dict(cache=(1, 2, 3)), TypeError, r"cache must be an mha_jax.decoding.KVCache"),
+    ("positions_shape", dict(positions=jnp.zeros((B,), jnp.int32)), ValueError,
+     r"positions must have shape \[B, T\]=\(3, 2\); got shape \(3,\)"),
+    ("positions_float", dict(positions=jnp.zeros((B, 2))), TypeError,
+     r"positions must have an integer dtype"),
+    ("lengths_shape", dict(lengths=jnp.array([1, 2], jnp.int32)), ValueError,
+     r"lengths must have shape \[B\]"),
+    ("rope_too_wide", dict(options=mj.Options(rope=RoPE(rotary_dim=8))), ValueError,
+     r"rope.rotary_dim must be at most Dh=4; got 8"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, exception, message", [row[1:] for row in BAD], ids=[row[0] for row in BAD])
+def test_bad_decoding_input_is_named(case, exception, message):
+    arguments = dict(cache=init_cache(B, 8, HKV, DH)) | case
+    with pytest.raises(exception, match=message):
+        cached_attention(layer(), normal(13, (B, 2, D)), arguments.pop("cache"), num_heads=H, **arguments)
+
+
+def test_rope_over_an_odd_head_width_is_named():
+    params = mj.init_params(jax.random.PRNGKey(0), 15, 3)  # head width 5
+    with pytest.raises(ValueError, match=r"the head width Dh must be even to rotate all of it"):
+        cached_attention(params, normal(13, (B, 2, 15)), init_cache(B, 8, 3, 5), num_heads=3,
+                         options=mj.Options(rope=RoPE()))  # fmt: skip
+
+
+def test_init_cache_names_bad_sizes():
+    with pytest.raises(ValueError, match=r"capacity must be a positive integer; got 0"):
+        init_cache(1, 0, 2, 4)
+    assert isinstance(init_cache(1, 3, 2, 4), KVCache)
