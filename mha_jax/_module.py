@@ -8,8 +8,10 @@ import jax.numpy as jnp
 from mha_jax import _checks
 from mha_jax._validate import effective
 from mha_jax.core import batched
+from mha_jax.decoding.step import cached_attention
 from mha_jax.masks import Structure
 from mha_jax.options import Options
+from mha_jax.params import MHAParams
 
 
 def resolve_deterministic(call_value: bool | None, module_value: bool | None, rate: float) -> bool:
@@ -68,3 +70,39 @@ def forward(
     if unbatched:
         out, weights = out[0], None if weights is None else weights[0]
     return out, weights
+
+
+def check_loaded(current: MHAParams, loaded: MHAParams) -> None:
+    """Loading weights into a module: the same arrays, in the same shapes."""
+    if not isinstance(loaded, MHAParams):
+        raise TypeError(f"params must be an mha_jax.MHAParams; got {type(loaded).__name__}")
+    for name, have, new in zip(MHAParams._fields, current, loaded, strict=True):
+        if (have is None) != (new is None):
+            expected = "be None (the module has no such parameter)" if have is None else "be given"
+            raise _checks.fail(f"params.{name}", expected, "an array" if have is None else "None")
+        if have is not None:
+            _checks.check_shape(f"params.{name}", new, have.shape, "the module's shape")
+
+
+def check_decoding(x_kv, mask, bias, is_causal, q_offset, kv_length, structure, return_weights) -> None:
+    """Decoding is causal self-attention over the cache: its mask comes from the cache."""
+    given = [name for name, value, default in (
+        ("x_kv", x_kv, None), ("mask", mask, None), ("bias", bias, None), ("is_causal", is_causal, False),
+        ("q_offset", q_offset, 0), ("kv_length", kv_length, None), ("structure", structure, None),
+        ("return_weights", return_weights, False),
+    ) if value is not default and not (isinstance(value, int) and value == default)]  # fmt: skip
+    if given:
+        raise ValueError(
+            f"decode=True and cache= take no {', '.join(given)} (the cache's lengths make the causal "
+            f"mask; a window goes in window=); got {', '.join(given)}"
+        )
+
+
+def decode(module, params, x, cache, *, options: Options, lengths, positions, window):
+    """The decoding call both wrappers make: `[B, T, D]` against `cache` -> (out, cache)."""
+    if jnp.ndim(x) != 3:
+        raise _checks.fail("x_q", "have rank 3 [B, T, D] when decoding", f"shape {jnp.shape(x)}")
+    return cached_attention(
+        params, x, cache, num_heads=module.num_heads, lengths=lengths, positions=positions, window=window,
+        options=effective(options, True),
+    )  # fmt: skip

@@ -37,7 +37,7 @@ def settle(
 ) -> tuple[Structure, Options]:
     """(structure, options) from either the values or the friendly keywords, never both."""
     structure = settle_structure(structure, **{k: keywords[k] for k in STRUCTURE_KEYWORDS})
-    _refuse_both(options, "options", OPTIONS_KEYWORDS, keywords)
+    refuse_both(options, "options", OPTIONS_KEYWORDS, keywords)
     if options is None:
         options = Options(*(keywords[k] for k in OPTIONS_KEYWORDS))
     return structure, effective(options, deterministic)
@@ -45,7 +45,7 @@ def settle(
 
 def settle_structure(structure: Structure | None, **keywords) -> Structure:
     """The mask rules from `structure=` or from the keywords, the window normalised."""
-    _refuse_both(structure, "structure", STRUCTURE_KEYWORDS, keywords)
+    refuse_both(structure, "structure", STRUCTURE_KEYWORDS, keywords)
     if structure is None:
         structure = Structure(*(keywords[k] for k in STRUCTURE_KEYWORDS))
     if not isinstance(structure, Structure):
@@ -64,7 +64,7 @@ def effective(options: Options, deterministic) -> Options:
     return options
 
 
-def _refuse_both(value, name: str, defaults: dict, keywords: dict) -> None:
+def refuse_both(value, name: str, defaults: dict, keywords: dict) -> None:
     given = [k for k, default in defaults.items() if _given(keywords[k], default)]
     if value is not None and given:
         raise ValueError(

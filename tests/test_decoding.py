@@ -197,3 +197,105 @@ def test_init_cache_names_bad_sizes():
     with pytest.raises(ValueError, match=r"capacity must be a positive integer; got 0"):
         init_cache(1, 0, 2, 4)
     assert isinstance(init_cache(1, 3, 2, 4), KVCache)
+
+
+# ---------------------------------------------------------------------------
+# The modules: the cache as Flax state, or passed in and out
+
+
+def module_input():
+    return normal(20, (2, 9, D))
+
+
+MODULE_OPTIONS = mj.Options(rope=RoPE(theta=300.0), softcap=4.0)
+
+
+def test_nnx_decode_with_its_cache_state_equals_the_full_forward():
+    from flax import nnx
+
+    import mha_jax.nnx as mnnx
+
+    module = mnnx.MultiHeadAttention(
+        D, H, num_kv_heads=HKV, qk_norm=True, options=MODULE_OPTIONS, rngs=nnx.Rngs(0)
+    )
+    x = module_input()
+    full = module(x, is_causal=True)
+    module.init_cache(2, 32)
+    step = nnx.jit(lambda module, x: module(x, decode=True))
+    outs = [step(module, x[:, :4])] + [step(module, x[:, t : t + 1]) for t in range(4, 9)]
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(module.cache_length[...], [9, 9])
+    assert isinstance(module.cached_key, nnx.Cache)
+    # the same with a cache kept outside the module, which stays untouched
+    out, cache = module(x, cache=init_cache(2, 32, HKV, DH))
+    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache.length, [9, 9])
+    np.testing.assert_array_equal(module.cache_length[...], [9, 9])
+
+
+def test_linen_decode_with_the_cache_collection_equals_the_full_forward():
+    import mha_jax.linen as mlinen
+
+    module = mlinen.MultiHeadAttention(H, num_kv_heads=HKV, qk_norm=True, options=MODULE_OPTIONS)
+    x = module_input()
+    variables = module.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, D)), decode=True)
+    assert variables["cache"]["cached_key"].shape == (2, 32, HKV, DH)  # room for the init input
+    params = {"params": variables["params"]}
+    full = module.apply(params, x, is_causal=True)
+    cache, outs = variables["cache"], []
+    for start, stop in ((0, 4), *((t, t + 1) for t in range(4, 9))):
+        out, state = module.apply(
+            {**params, "cache": cache}, x[:, start:stop], decode=True, mutable=["cache"]
+        )
+        outs.append(out)
+        cache = state["cache"]
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
+    out, explicit = module.apply(params, x, cache=init_cache(2, 16, HKV, DH))
+    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(explicit.length, [9, 9])
+
+
+def test_nnx_and_linen_hold_the_same_qk_norm_parameters_and_give_the_same_numbers():
+    from flax import nnx
+
+    import mha_jax.linen as mlinen
+    import mha_jax.nnx as mnnx
+
+    ours = mnnx.MultiHeadAttention(
+        D, H, num_kv_heads=HKV, qk_norm=True, options=MODULE_OPTIONS, rngs=nnx.Rngs(0)
+    )
+    ours.load_params(layer(qk_norm=True))  # non-trivial norm scales
+    linen = mlinen.MultiHeadAttention(H, num_kv_heads=HKV, qk_norm=True, options=MODULE_OPTIONS)
+    x = module_input()
+    variables = {"params": {k: v for k, v in ours.params._asdict().items() if v is not None}}
+    assert jax.tree.map(jnp.shape, linen.init(jax.random.PRNGKey(0), x)) == jax.tree.map(jnp.shape, variables)
+    np.testing.assert_array_equal(ours(x, is_causal=True), linen.apply(variables, x, is_causal=True))
+
+
+MODULE_ERRORS = [
+    ("decode_with_mask", lambda m, x: m(x, decode=True, mask=jnp.ones((9, 9), bool)), ValueError,
+     r"decode=True and cache= take no mask"),
+    ("decode_before_init_cache", lambda m, x: m(x, decode=True), ValueError,
+     r"cache must be made with module.init_cache\(batch, capacity\) first"),
+    ("decode_unbatched", lambda m, x: m(x[0], cache=init_cache(1, 16, HKV, DH)), ValueError,
+     r"x_q must have rank 3 \[B, T, D\] when decoding"),
+    ("load_wrong_shape", lambda m, x: m.load_params(layer()._replace(w_q=jnp.ones((D, 8)))), ValueError,
+     r"params.w_q must have shape the module's shape=\(24, 24\); got shape \(24, 8\)"),
+    ("load_missing_norm", lambda m, x: m.load_params(layer(qk_norm=True)._replace(k_norm=None)), ValueError,
+     r"params.k_norm must be given; got None"),
+    ("options_and_keywords", lambda m, x: type(m)(D, H, scale=0.5, options=mj.Options(), rngs=None),
+     ValueError, r"options must be given alone or not at all; got options= together with scale"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call, exception, message", [r[1:] for r in MODULE_ERRORS], ids=[r[0] for r in MODULE_ERRORS]
+)
+def test_module_decoding_errors_are_named(call, exception, message):
+    from flax import nnx
+
+    import mha_jax.nnx as mnnx
+
+    module = mnnx.MultiHeadAttention(D, H, num_kv_heads=HKV, qk_norm=True, rngs=nnx.Rngs(0))
+    with pytest.raises(exception, match=message):
+        call(module, module_input())
