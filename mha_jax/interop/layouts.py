@@ -26,7 +26,9 @@ files do: see `mha_jax.interop.gguf`.)
 Arrays stay NumPy arrays in their own dtype, so a round trip is exact;
 `jax.device_put(params)` moves them. Torch tensors are read with `np.asarray`
 (CPU, float32 or float16: call `.float()` on bfloat16 first). Not mapped:
-Gemma's `q_norm`/`k_norm` scales, torch's `bias_k`/`bias_v` (`add_bias_kv`).
+QK-norm scales (`q_norm`/`k_norm`: each model keeps them under its own names,
+and Gemma stores `w` for a scale of `1 + w`; export leaves them out), torch's
+`bias_k`/`bias_v` (`add_bias_kv`).
 """
 
 from __future__ import annotations
@@ -202,6 +204,8 @@ OUR_LEGEND = dict(
     b_v="[Hkv*Dh]",
     w_o="[H*Dh, D_out]",
     b_o="[D_out]",
+    q_norm="[Dh]",
+    k_norm="[Dh]",
 )
 
 
@@ -297,7 +301,7 @@ def our_sizes(params: MHAParams, num_heads: int) -> dict[str, int]:
         d_kv=d_kv,
         d_out=np.shape(params.w_o)[1],
     )
-    for name, shape in param_shapes(**sizes).items():
+    for name, shape in param_shapes(**sizes, qk_norm=params.q_norm is not None).items():
         if getattr(params, name) is not None:
             _checks.check_shape(f"params.{name}", getattr(params, name), shape, OUR_LEGEND[name])
     return sizes
