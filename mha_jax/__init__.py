@@ -16,7 +16,7 @@ Conventions: boolean masks, True = may attend; causal masks aligned top-left
 float32; a query row with no visible key returns zeros.
 """
 
-from mha_jax import decoding, kernels, masks
+from mha_jax import decoding, kernels, masks, parallel
 from mha_jax.core import attention, batched_attention
 from mha_jax.kernels.blockwise import blockwise_attention
 from mha_jax.masks import Structure
@@ -50,6 +50,7 @@ __all__ = [
     "init_params",
     "kernels",
     "masks",
+    "parallel",
     "merge_heads",
     "merge_project",
     "param_shapes",

@@ -17,6 +17,7 @@ from mha_jax._validate import OPTIONS_KEYWORDS, refuse_both, settle_structure
 from mha_jax.decoding.cache import KVCache, init_cache
 from mha_jax.masks import Structure
 from mha_jax.options import Options
+from mha_jax.parallel.sharding import mesh_partition_names
 from mha_jax.params import (
     PARAM_NAMES,
     MHAParams,
@@ -36,7 +37,9 @@ class MultiHeadAttention(nnx.Module):
     k_norm` with `qk_norm=True`) with the layout of `mha_jax.MHAParams`;
     `module.params` gets them as one, `module.load_params(params)` sets them. The settings are
     `scale, dropout_rate, dtype, implementation`, or `options=Options(...)` for
-    all of them and the rest (rope, softcap, qk_norm_eps).
+    all of them and the rest (rope, softcap, qk_norm_eps). Built inside
+    `with jax.set_mesh(mesh):` with `heads_axis="heads"`, the weights are
+    created split by heads over that mesh axis (`mha_jax.parallel.sharding`).
 
     >>> layer = MultiHeadAttention(768, 12, rngs=nnx.Rngs(0))
     >>> y = layer(x, is_causal=True)   # x: [B, L, 768] -> y: [B, L, 768]
@@ -60,6 +63,7 @@ class MultiHeadAttention(nnx.Module):
         param_dtype=jnp.float32,
         implementation: str = "auto",
         options: Options | None = None,
+        heads_axis: str | None = None,
         sow_weights: bool = False,
         kernel_init=default_kernel_init,
         bias_init=default_bias_init,
@@ -71,9 +75,13 @@ class MultiHeadAttention(nnx.Module):
             in_features, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, d_kv=in_kv_features,
             d_out=out_features,
         )  # fmt: skip
+        # Head parallelism: each parameter's mesh axes (mha_jax.parallel.sharding), from the
+        # mesh set around this constructor; nnx then creates it sharded.
+        partition = mesh_partition_names(num_heads, sizes["num_kv_heads"], heads_axis)
         params = build_params(
             lambda name, shape: nnx.Param(
-                init_param(rngs.params(), name, shape, param_dtype, kernel_init, bias_init)
+                init_param(rngs.params(), name, shape, param_dtype, kernel_init, bias_init),
+                **({"out_sharding": partition[name]} if partition else {}),
             ),
             param_shapes(**sizes, use_bias=use_bias, qk_norm=qk_norm),
         )

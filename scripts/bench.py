@@ -4,6 +4,7 @@
     python scripts/bench.py --quick         # two small shapes, a few rounds
     python scripts/bench.py --memory        # peak RSS vs L, one fresh process per point
     python scripts/bench.py --train-step    # train steps/s of train_toy.py's model, vs flax.nnx
+    python scripts/bench.py --mesh          # context parallelism on 8 host devices (L=32768, ~3 min)
 
 Time mode: every candidate is compiled and warmed up, then timed in rounds,
 interleaved round-robin (each round runs every candidate once, in a shuffled
@@ -408,6 +409,131 @@ def run_train_step_mode(cfg, rounds: int = 7, steps_per_round: int = 20) -> dict
     return rates
 
 
+# ---------------------------------------------------------------------------
+# Mesh mode: context parallelism over several devices (mha_jax.parallel)
+
+MESH_DEVICES = 8
+MESH_HEADS, MESH_HEAD_DIM = 8, 64  # the attention core: causal, B=1, q, k, v given, float32
+
+
+def mesh_candidates(length: int) -> dict:
+    """name -> (forward f(q, k, v), mesh or None): ring (striped), all-to-all, all-gather over
+    every device on one "seq" axis, and the blockwise kernel on one device."""
+    import functools
+
+    from jax.sharding import PartitionSpec as P
+
+    import mha_jax
+    from mha_jax import parallel
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+    per_device = lambda f, **kw: jax.shard_map(
+        functools.partial(f, axis_name="seq", is_causal=True, **kw),
+        mesh=mesh,
+        in_specs=P("seq"),
+        out_specs=P("seq"),
+    )
+    return {
+        "ring (striped)": (per_device(parallel.ring_attention, layout=parallel.Layout("striped", n)), mesh),
+        "all-to-all": (per_device(parallel.all_to_all_attention), mesh),
+        "all-gather": (per_device(parallel.all_gather_attention), mesh),
+        "blockwise, 1 device": (
+            lambda q, k, v: mha_jax.blockwise_attention(q, k, v, structure=mha_jax.Structure(is_causal=True)),
+            None,
+        ),
+    }
+
+
+def mesh_traffic(name: str, length: int, n: int) -> tuple[float, float]:
+    """Bytes each device receives (forward, forward+backward), from the algorithm: the
+    ring receives N-1 K/V chunks (and in the backward N-1 more with N dK/dV chunks);
+    all-to-all moves (N-1)/N of its q, k, v, out chunks (and of their gradients);
+    all-gather receives N-1 K/V chunks (and reduce-scatters as much of dK/dV)."""
+    chunk = length // n * MESH_HEADS * MESH_HEAD_DIM * 4  # one device's q (= k = v) rows, float32
+    if name.startswith("ring"):
+        return (n - 1) * 2 * chunk, (n - 1) * 2 * chunk + (n - 1) * 2 * chunk + n * 2 * chunk
+    if name == "all-to-all":
+        return 4 * chunk * (n - 1) / n, 8 * chunk * (n - 1) / n
+    if name == "all-gather":
+        return (n - 1) * 2 * chunk, (n - 1) * 4 * chunk
+    return 0.0, 0.0
+
+
+def run_mesh_mode(length: int, rounds: int, out_dir: Path) -> list[dict]:
+    """Per candidate: compile the forward and the forward+backward (XLA's memory_analysis of
+    each, per device), then time `rounds` forward runs (median). Prints and writes
+    mesh.json and mesh.md under `out_dir`."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = jax.device_count()
+    shape = (length, MESH_HEADS, MESH_HEAD_DIM)  # [L, H, Dh]
+    rows = [jax.random.normal(jax.random.PRNGKey(i), shape) for i in range(3)]
+    per_device_bytes = lambda m: m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+    results = []
+    for name, (forward, mesh) in mesh_candidates(length).items():
+        where = NamedSharding(mesh, P("seq")) if mesh else jax.devices()[0]
+        q, k, v = (jax.device_put(x, where) for x in rows)
+        loss = lambda q, k, v, forward=forward: jnp.sum(forward(q, k, v) ** 2)
+        compiled = jax.jit(forward).lower(q, k, v).compile()
+        backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+        times = []
+        for _ in range(rounds):
+            begin = time.perf_counter()
+            jax.block_until_ready(compiled(q, k, v))
+            times.append(time.perf_counter() - begin)
+        traffic = mesh_traffic(name, length, n) if mesh else (0.0, 0.0)
+        result = dict(
+            name=name,
+            devices=n if mesh else 1,
+            fwd_seconds=statistics.median(times),
+            fwd_bytes=per_device_bytes(compiled.memory_analysis()),
+            fwd_bwd_bytes=per_device_bytes(backward.memory_analysis()),
+            received_fwd=traffic[0],
+            received_fwd_bwd=traffic[1],
+        )
+        results.append(result)
+        print(
+            f"{name:<20} fwd {result['fwd_seconds']:7.2f} s   memory per device fwd "
+            f"{result['fwd_bytes'] / 2**20:7.1f} MiB, fwd+bwd {result['fwd_bwd_bytes'] / 2**20:7.1f} MiB   "
+            f"received per device fwd {traffic[0] / 2**20:6.1f} MiB, fwd+bwd {traffic[1] / 2**20:6.1f} MiB",
+            flush=True,
+        )
+    (out_dir / "mesh.json").write_text(json.dumps(dict(length=length, devices=n, results=results), indent=1))
+    (out_dir / "mesh.md").write_text(_mesh_markdown(length, n, results))
+    return results
+
+
+def _mesh_markdown(length: int, n: int, results: list[dict]) -> str:
+    head = (
+        f"Causal attention core, B=1, L={length}, {MESH_HEADS} heads of {MESH_HEAD_DIM}, float32, "
+        f"{n} forced host devices sharing this machine's cores.\n\n"
+        "| strategy | devices | forward time | memory per device, fwd | fwd+bwd | received per device, fwd "
+        "| fwd+bwd |\n|---|---|---|---|---|---|---|\n"
+    )
+    mib = lambda b: f"{b / 2**20:.0f} MiB"
+    return head + "".join(
+        f"| {r['name']} | {r['devices']} | {r['fwd_seconds']:.1f} s | {mib(r['fwd_bytes'])} | "
+        f"{mib(r['fwd_bwd_bytes'])} | {mib(r['received_fwd'])} | {mib(r['received_fwd_bwd'])} |\n"
+        for r in results
+    )
+
+
+def mesh_mode(length: int, rounds: int, out_dir: Path) -> None:
+    """`--mesh`: 8 forced host devices unless XLA_FLAGS says otherwise (set before jax
+    starts its backend, which nothing before this has done)."""
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={MESH_DEVICES}")
+    if jax.device_count() < 2:
+        sys.exit(
+            f"error: --mesh needs several devices; got {jax.device_count()} (run it as "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={MESH_DEVICES} python scripts/bench.py --mesh)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_mesh_mode(length, rounds, out_dir)
+    print(f"wrote {out_dir}/mesh.json and mesh.md")
+
+
 def plot(out_dir: Path) -> None:
     import matplotlib
 
@@ -489,10 +615,21 @@ def main():
         default=20,
         help="train-step mode: steps timed in each round (default: %(default)s)",
     )
+    parser.add_argument(
+        "--mesh",
+        type=int,
+        nargs="?",
+        const=32768,
+        metavar="L",
+        help="context parallelism at length L (default 32768) on 8 host devices: ring, "
+        "all-to-all and all-gather against one device (--rounds default 1)",
+    )
     parser.add_argument("--rounds", type=int, help="timed rounds (default: 15; 7 in train-step mode)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
+    if args.mesh:
+        return mesh_mode(args.mesh, args.rounds or 1, args.out)
     if args.train_step:
         from toy_config import ConfigError, load_config
 

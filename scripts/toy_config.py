@@ -5,8 +5,9 @@ Unknown keys are an error that lists the valid ones; values keep the field's typ
 (`--set steps=12` is an int, `num_heads: true` is refused).
 
 A resume continues the same run, so every config field keeps its saved value
-except those in RESUME_MAY_CHANGE: `implementation` (the same function, equal
-up to rounding), the bookkeeping fields (log_every, eval_every,
+except those in RESUME_MAY_CHANGE: `implementation` and the device mesh (mesh_data,
+mesh_seq, mesh_heads, context_parallel: the same function, equal up to rounding; the
+checkpoint is resharded onto the new mesh as it is read), the bookkeeping fields (log_every, eval_every,
 checkpoint_every, keep_checkpoints, num_heatmaps, target) and `steps` (to train
 longer or stop sooner, never below the restored step; the learning-rate
 schedule spans `steps`, so the script says that it changes). The model's
@@ -28,6 +29,7 @@ import yaml
 from toy_tasks import TASKS
 
 import mha_jax
+import mha_jax.parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,13 @@ class Config:
     d_model: int = 64
     num_heads: int = 4
     implementation: str = "auto"
+    # device mesh: data × seq × heads (mesh_data=0: every device the other two leave). With
+    # mesh_seq or mesh_heads > 1 the attention runs mha_jax.parallel.mesh_attention, the
+    # sequence split by context_parallel: ring | all_to_all | all_gather
+    mesh_data: int = 0
+    mesh_seq: int = 1
+    mesh_heads: int = 1
+    context_parallel: str = "ring"
     # recall
     num_keys: int = 64
     num_values: int = 64
@@ -82,6 +91,10 @@ MODEL_FIELDS = (
 RESUME_MAY_CHANGE = (
     "steps",
     "implementation",
+    "mesh_data",  # a checkpoint restores onto any mesh shape (orbax reshards)
+    "mesh_seq",
+    "mesh_heads",
+    "context_parallel",
     "log_every",
     "eval_every",
     "checkpoint_every",
@@ -230,10 +243,63 @@ def check_config(cfg: Config) -> None:
         f"turns clipping off); got {cfg.clip_norm}",
     )
     need(cfg.num_heatmaps <= cfg.eval_size, "num_heatmaps must be at most eval_size")
+    check_mesh(cfg, need)
+
+
+def check_mesh(cfg: Config, need) -> None:
+    """The mesh fits the devices, and the batch, sequences and heads split over it evenly."""
     devices = jax.device_count()
+    need(cfg.mesh_data >= 0, f"mesh_data must be non-negative (0: the devices left); got {cfg.mesh_data}")
+    for name in ("mesh_seq", "mesh_heads"):
+        need(getattr(cfg, name) > 0, f"{name} must be positive; got {getattr(cfg, name)}")
+    model = cfg.mesh_seq * cfg.mesh_heads
     need(
-        cfg.batch_size % devices == 0,
-        f"batch_size must be divisible by the device count {devices}; got {cfg.batch_size}",
+        cfg.mesh_data > 0 or devices % model == 0,
+        f"mesh_seq × mesh_heads must divide the device count {devices}; "
+        f"got {cfg.mesh_seq} × {cfg.mesh_heads}",
+    )
+    data = cfg.mesh_data or devices // model
+    need(
+        data * model == devices,
+        f"mesh_data × mesh_seq × mesh_heads must equal the device count {devices}; "
+        f"got {cfg.mesh_data} × {cfg.mesh_seq} × {cfg.mesh_heads}",
+    )
+    need(
+        cfg.batch_size % data == 0,
+        f"batch_size must be divisible by the mesh's data size {data}; got {cfg.batch_size}",
+    )
+    need(
+        cfg.eval_size % data == 0,
+        f"eval_size must be divisible by the mesh's data size {data}; got {cfg.eval_size}",
+    )
+    if model == 1:
+        return
+    contexts = list(mha_jax.parallel.CONTEXTS)
+    need(
+        cfg.context_parallel in contexts,
+        f"context_parallel must be one of {contexts}; got {cfg.context_parallel!r}",
+    )
+    need(
+        cfg.implementation in ("auto", "blockwise"),
+        f'implementation must be "auto" or "blockwise" with mesh_seq or mesh_heads > 1 (each device '
+        f"runs the blockwise kernel); got {cfg.implementation!r}",
+    )
+    need(
+        cfg.num_heads % cfg.mesh_heads == 0,
+        f"num_heads must be divisible by mesh_heads={cfg.mesh_heads}; got {cfg.num_heads}",
+    )
+    lengths = ("num_pairs", "num_queries") if cfg.task == "recall" else ("seq_len",)
+    for name in lengths:
+        need(
+            getattr(cfg, name) % cfg.mesh_seq == 0,
+            f"{name} must be divisible by mesh_seq={cfg.mesh_seq} (the sequence is split); "
+            f"got {getattr(cfg, name)}",
+        )
+    local_heads = cfg.num_heads // cfg.mesh_heads
+    need(
+        cfg.context_parallel != "all_to_all" or local_heads % cfg.mesh_seq == 0,
+        f"num_heads / mesh_heads must be divisible by mesh_seq={cfg.mesh_seq} for "
+        f"context_parallel='all_to_all' (it splits each device's heads); got {local_heads}",
     )
 
 

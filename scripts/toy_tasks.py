@@ -23,17 +23,49 @@ from flax import nnx
 
 import mha_jax
 import mha_jax.nnx
+import mha_jax.parallel
 
 Batch = dict[str, jax.Array]
 
 
 def attention_layer(cfg, rngs: nnx.Rngs, flax_reference: bool = False) -> nnx.Module:
-    """Our NNX layer, or (for `bench.py --train-step`) Flax's own, behind one interface."""
+    """Our NNX layer (on a device mesh when the config splits sequences or heads), or
+    (for `bench.py --train-step`) Flax's own, behind one interface."""
     if flax_reference:
         return FlaxAttention(cfg.d_model, cfg.num_heads, rngs=rngs)
+    if cfg.mesh_seq * cfg.mesh_heads > 1:
+        return MeshAttention(cfg, rngs=rngs)
     return mha_jax.nnx.MultiHeadAttention(
         cfg.d_model, cfg.num_heads, implementation=cfg.implementation, rngs=rngs
     )
+
+
+def toy_mesh(cfg) -> jax.sharding.Mesh:
+    """The config's device mesh, axes ("data", "seq", "heads"); mesh_data=0 takes the
+    devices the other two leave (toy_config.check_mesh checks the sizes)."""
+    data = cfg.mesh_data or jax.device_count() // (cfg.mesh_seq * cfg.mesh_heads)
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh((data, cfg.mesh_seq, cfg.mesh_heads), ("data", "seq", "heads"), axis_types=auto)
+
+
+class MeshAttention(mha_jax.nnx.MultiHeadAttention):
+    """Our NNX layer, called through `mha_jax.parallel.mesh_attention` on the config's mesh:
+    batch over "data", sequence over "seq" (by `cfg.context_parallel`), heads over
+    "heads". The parameters are the plain layer's (same names and shapes), so a
+    checkpoint moves between mesh shapes; the attention weights for the heatmaps come
+    from the plain layer's call."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        super().__init__(cfg.d_model, cfg.num_heads, implementation=cfg.implementation, rngs=rngs)
+        self.mesh, self.context = toy_mesh(cfg), cfg.context_parallel  # static
+
+    def __call__(self, x_q, x_kv=None, *, return_weights=False, **_):
+        if return_weights:
+            return super().__call__(x_q, x_kv, return_weights=True)
+        axes = dict(data_axis="data", seq_axis="seq", heads_axis="heads")
+        return mha_jax.parallel.mesh_attention(
+            self.params, x_q, x_kv, num_heads=self.num_heads, mesh=self.mesh, context=self.context, **axes
+        )
 
 
 class FlaxAttention(nnx.Module):

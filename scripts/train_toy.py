@@ -3,6 +3,8 @@
     python scripts/train_toy.py                          # associative recall (configs/recall.yaml)
     python scripts/train_toy.py --config configs/reverse.yaml --set steps=600
     python scripts/train_toy.py --resume runs/recall-20261125-101500
+    python scripts/train_toy.py --set mesh_data=2 --set mesh_seq=2 --set mesh_heads=2
+        # data × sequence (ring) × heads, with XLA_FLAGS=--xla_force_host_platform_device_count=8
     python scripts/bench.py --train-step                 # steps/s: ours vs flax.nnx attention
 
 Reads in the order things happen: config, data, parameters, optimizer, step,
@@ -48,8 +50,10 @@ from run_files import (
 )
 from toy_config import Config, ConfigError, check_config, load_config
 from toy_report import draw_pictures, summary
-from toy_tasks import TASKS, loss_and_metrics
+from toy_tasks import TASKS, loss_and_metrics, toy_mesh
 from tqdm import tqdm
+
+import mha_jax.parallel
 
 # ---------------------------------------------------------------------------
 # Config: a toy_config.Config, read from configs/*.yaml and --set by `cli` below; `main`
@@ -130,12 +134,22 @@ def make_steps(cfg: Config, graphdef, optimizer, shardings):
     return train_step, jax.jit(evaluate), batches
 
 
-def shardings_for(state: TrainState):
-    """Data parallel over every visible device: batch split on its first axis,
-    parameters and optimizer state replicated."""
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
-    return replicated, NamedSharding(mesh, P("data"))
+def shardings_for(state: TrainState, mesh: jax.sharding.Mesh | None = None, num_heads: int = 1):
+    """(state, batch) shardings. The batch splits on its first axis over the mesh's "data"
+    axis (default mesh: every device on "data"). With a "heads" axis of size > 1, the
+    attention layer's parameters, and their optimizer moments, split by heads
+    (`mha_jax.parallel.partition_names`); everything else is replicated."""
+    if mesh is None:
+        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    heads = dict(mesh.shape).get("heads", 1)
+    names = mha_jax.parallel.partition_names(num_heads, num_heads, axis_size=heads) if heads > 1 else {}
+
+    def spec(path, _):  # an attention parameter is the leaf at .../attention/<name>, in params and moments
+        keys = [getattr(k, "key", None) for k in path]
+        split = len(keys) >= 2 and keys[-2] == "attention" and keys[-1] in names
+        return NamedSharding(mesh, P(*names[keys[-1]]) if split else P())
+
+    return jax.tree_util.tree_map_with_path(spec, state), NamedSharding(mesh, P("data"))
 
 
 # ---------------------------------------------------------------------------
@@ -158,13 +172,15 @@ def main(
     run_dir = prepare_run_dir(cfg, run_dir, resume)
 
     graphdef, optimizer, state = initial_state(cfg)
+    state_sharding, data_sharding = shardings_for(state, toy_mesh(cfg), cfg.num_heads)
+    # Placed before a resume reads into its shardings: a checkpoint saved on one mesh
+    # shape restores onto this one (orbax reshards as it reads).
+    state = jax.device_put(state, state_sharding)
     history = []  # a fresh start: prepare_run_dir removed any earlier metrics.jsonl
     with files_of(run_dir):
         manager = checkpoint_manager(run_dir, cfg)
         if resume is not None:
             state, history = resume_state(cfg, manager, state, run_dir)
-    state_sharding, data_sharding = shardings_for(state)
-    state = jax.device_put(state, state_sharding)
     train_step, evaluate, batches = make_steps(cfg, graphdef, optimizer, (state_sharding, data_sharding))
     eval_set = jax.device_put(held_out_set(cfg), data_sharding)
 
@@ -180,8 +196,16 @@ def main(
     )
     metrics = None
     try:
+        previous = None
         for step in range(start_step, last):
             state, metrics = train_step(state, batches(step))
+            # At most two steps in flight. XLA:CPU admits a fixed number of computations
+            # per device; with several devices, a step whose collectives wait for its turn
+            # on one device while later steps fill that device's slots never starts there,
+            # and the other devices wait in its collectives until the run aborts (seen with
+            # ring attention on 8 host devices). Dispatch still overlaps the step before.
+            jax.block_until_ready(previous)
+            previous = metrics
             bar.update(1)
             done = step + 1
             if done % cfg.log_every == 0 or done == last:

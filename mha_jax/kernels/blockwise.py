@@ -77,10 +77,21 @@ def blockwise_attention(
 ) -> Array:  # [Lq, H, Dh]
     """Same result as the reference kernel, without materialising the scores."""
     structure = Structure() if structure is None else structure
-    length_q, num_heads, head_dim = q.shape
-    length_k = k.shape[0]
+    length_q, length_k = q.shape[0], k.shape[0]
     if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
         return jnp.zeros_like(q)
+    config, q_offset, kv_length = _setup(q, k, structure, scale, softcap, block_sizes)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, length_q, length_k))
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (bias.shape[0] if bias.ndim == 3 else 1, length_q, length_k))
+    return _flash(q, k, v, mask, bias, q_offset, kv_length, config)
+
+
+def _setup(q, k, structure: Structure, scale, softcap, block_sizes):
+    """(Config, q_offset, kv_length) of a call: what `blockwise_attention` and the pieces share."""
+    length_q, _, head_dim = q.shape
+    length_k = k.shape[0]
     if block_sizes is not None:
         _checks.check_block_sizes(block_sizes)
     block_q, block_k = block_sizes or default_block_sizes(length_q, length_k)
@@ -101,11 +112,7 @@ def blockwise_attention(
     kv_length = jnp.clip(
         jnp.asarray(length_k if structure.kv_length is None else structure.kv_length), 0, length_k
     ).astype(jnp.int32)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, length_q, length_k))
-    if bias is not None:
-        bias = jnp.broadcast_to(bias, (bias.shape[0] if bias.ndim == 3 else 1, length_q, length_k))
-    return _flash(q, k, v, mask, bias, q_offset, kv_length, config)
+    return config, q_offset, kv_length
 
 
 # ---------------------------------------------------------------------------
@@ -435,3 +442,82 @@ def _flash_bwd(config, residuals, d_out):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------
+# One piece of a larger attention (mha_jax.parallel.ring)
+#
+# When the keys are split across devices, each device attends to one chunk at a
+# time and the partial results merge through their log-sum-exp; the backward of
+# each chunk needs the *total* out and lse. These three functions expose the
+# forward and backward above for one chunk, without a VJP of their own.
+
+
+def attention_with_lse(
+    q: Array,  # [Lq, H, Dh]
+    k: Array,  # [Lk, Hkv, Dh]
+    v: Array,  # [Lk, Hkv, Dh]
+    *,
+    structure: Structure,
+    scale: float | None = None,
+    softcap: float | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> tuple[Array, Array]:  # [Lq, H, Dh], [Lq, H] float32
+    """The forward over these keys only: `(out, lse)` with `lse = log Σ exp(score)` over
+    the visible keys, `-inf` (and `out` zero) for a row that sees none of them.
+
+    Two pieces merge as `lse = logaddexp(lse_a, lse_b)`,
+    `out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)`. No VJP: a caller that
+    differentiates defines one with `attention_backward_with_lse`."""
+    config, q_offset, kv_length = _setup(q, k, structure, scale, softcap, block_sizes)
+    out, lse_blocks = _forward(q, k, v, None, None, q_offset, kv_length, config)
+    nq, num_heads, block_q = lse_blocks.shape
+    lse = lse_blocks.transpose(0, 2, 1).reshape(nq * block_q, num_heads)[: config.length_q]  # [Lq, H]
+    # The kernel marks a row that saw nothing with +inf (its recomputed probabilities
+    # are then 0); as a log-sum-exp over no key, it is -inf.
+    return out, jnp.where(lse == jnp.inf, -jnp.inf, lse)
+
+
+def attention_backward_with_lse(
+    q: Array,  # [Lq, H, Dh]
+    k: Array,  # [Lk, Hkv, Dh]
+    v: Array,  # [Lk, Hkv, Dh]
+    out: Array,  # [Lq, H, Dh] the total output, over every key
+    lse: Array,  # [Lq, H] the total log-sum-exp, over every key
+    d_out: Array,  # [Lq, H, Dh]
+    *,
+    structure: Structure,
+    scale: float | None = None,
+    softcap: float | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> tuple[Array, Array, Array]:  # dq [Lq, H, Dh], dk, dv [Lk, Hkv, Dh]
+    """This piece's share of the gradients of an attention whose total `out` and
+    `lse` span more keys than `k` holds: the probabilities recomputed from the total
+    `lse` are the total softmax's, and `delta = rowsum(d_out·out)` is the total's too,
+    so the pieces' `dq` add up to the whole `dq`, and each `dk`, `dv` is exact."""
+    config, q_offset, kv_length = _setup(q, k, structure, scale, softcap, block_sizes)
+    nq = _round_up(config.length_q, config.block_q) // config.block_q
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # back to the kernel's mark for "saw nothing"
+    lse_blocks = _pad_axis(lse, 0, nq * config.block_q, jnp.inf)
+    lse_blocks = lse_blocks.reshape(nq, config.block_q, -1).transpose(0, 2, 1)  # [nq, H, Bq]
+    residuals = (q, k, v, None, None, q_offset, kv_length, out, lse_blocks)
+    dq, dk, dv, *_ = _backward(config, residuals, d_out)
+    return dq, dk, dv
+
+
+def visited_blocks(
+    structure: Structure,
+    length_q: int,
+    length_k: int,
+    block_sizes: tuple[int, int] | None = None,
+) -> Array:
+    """How many (query block, key block) tiles the forward computes for this structure
+    (int32 scalar): the kernel's work, read from the same loop bounds it runs."""
+    block_q, block_k = block_sizes or default_block_sizes(length_q, length_k)
+    config = Config(block_q, block_k, length_q, length_k, 1.0, structure.is_causal, structure.window)
+    q_offset = jnp.asarray(structure.q_offset, jnp.int32)
+    kv_length = length_k if structure.kv_length is None else structure.kv_length
+    rules = _structure(q_offset, jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, length_k), config)
+    rows = jnp.arange(_round_up(length_q, block_q) // block_q, dtype=jnp.int32)
+    lo, _, _, hi = _kv_blocks_of(rows, rules, False, config)
+    return jnp.sum(hi - lo)

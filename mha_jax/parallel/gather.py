@@ -1,0 +1,52 @@
+"""All-gather context parallelism: the baseline the ring is measured against.
+
+Each device gathers every key/value chunk (`all_gather`, `[L, Hkv, Dh]` on every
+device) and attends its own queries to all of them with the blockwise kernel; the
+backward of the gather is a reduce-scatter of `dk`, `dv` (jax's transpose, no custom
+VJP). The simplest context parallelism (MaxText's default): it moves the same
+`(N-1)/N · 2·L·Hkv·Dh` values per device as the ring, but holds them all at once, so
+per-device memory for K/V is O(L), not O(L/N). Contiguous layout only (striped
+queries against naturally ordered keys are not a causal triangle), so causal work
+is unbalanced: device N-1 does N times the work of device 0.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import Array
+
+from mha_jax import _checks
+from mha_jax.kernels.blockwise import blockwise_attention
+from mha_jax.masks import Structure, normalize_window
+from mha_jax.parallel.layout import Layout, bound_axis_size, check_layout_for
+
+
+def all_gather_attention(
+    q: Array,  # [Cq, H, Dh]
+    k: Array,  # [Ck, Hkv, Dh]
+    v: Array,  # [Ck, Hkv, Dh]
+    *,
+    axis_name: str,
+    is_causal: bool = False,
+    q_offset: int | Array = 0,
+    kv_length: int | Array | None = None,
+    window: int | tuple[int, int] | None = None,
+    layout: Layout | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> Array:  # [Cq, H, Dh]
+    """As `ring_attention` (one example per device inside `jax.shard_map`), by gathering
+    every key and value onto every device."""
+    axis_size = bound_axis_size(axis_name)
+    layout = check_layout_for(layout, axis_name, axis_size)
+    if layout.kind != "contiguous":
+        raise _checks.fail("layout", "be contiguous (None) for all-gather attention", repr(layout))
+    _checks.check_rank("q", q, 3, "[Cq, H, Dh]")
+    k, v = (jax.lax.all_gather(x, axis_name, axis=0, tiled=True) for x in (k, v))  # [Lk, Hkv, Dh]
+    # Device d's query row a is global position d·Cq + a.
+    q_offset = q_offset + jax.lax.axis_index(axis_name) * q.shape[0]
+    structure = Structure(is_causal, q_offset, kv_length, normalize_window(window))
+    return blockwise_attention(
+        q, k, v, structure=structure, scale=scale, softcap=softcap, block_sizes=block_sizes
+    )

@@ -1,0 +1,262 @@
+"""The whole attention layer on a device mesh: data × sequence × heads.
+
+`mesh_attention` is `mha_jax.batched_attention` for sequences too long, or layers
+too wide, for one device. One `jax.shard_map` over the mesh; on each device:
+
+    x_q [b, Cq, D], x_kv [b, Ck, D_kv]      b = B / data, C = L / seq (rows per `layout`)
+      │ project_heads with this device's head columns (parallel/sharding.py),
+      │ QK-norm, RoPE at the rows' global positions
+      ▼
+    q [b, Cq, H/h, Dh], k, v [b, Ck, Hkv/h, Dh]
+      │ context parallelism over the seq axis, one example at a time (vmap):
+      │   "ring" (ring.py), "all_to_all" (ulysses.py) or "all_gather" (gather.py)
+      ▼
+    heads [b, Cq, H/h, Dh]
+      │ merge_project with this device's rows of w_o: a partial sum over its heads
+      ▼ psum over the heads axis, + b_o once
+    out [b, Cq, D_out]
+
+Parameters replicated over the data and sequence axes get their gradients summed over
+those axes by shard_map's transpose: the data-parallel all-reduce comes for free.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.sharding import PartitionSpec as P
+
+from mha_jax import _checks, _validate
+from mha_jax.decoding.qk_norm import qk_norm
+from mha_jax.decoding.rope import apply_rope
+from mha_jax.kernels.blockwise import blockwise_attention
+from mha_jax.masks import Structure, normalize_window
+from mha_jax.options import Options
+from mha_jax.parallel import sharding
+from mha_jax.parallel.gather import all_gather_attention
+from mha_jax.parallel.layout import Layout, check_layout_for
+from mha_jax.parallel.ring import ring_attention
+from mha_jax.parallel.ulysses import all_to_all_attention, check_heads
+from mha_jax.params import MHAParams
+from mha_jax.stages import merge_project, project_heads
+
+CONTEXTS = {"ring": ring_attention, "all_to_all": all_to_all_attention, "all_gather": all_gather_attention}
+
+
+class Plan(NamedTuple):
+    """What each device does (static)."""
+
+    data_axis: str | None
+    seq_axis: str | None
+    heads_axis: str | None
+    heads_size: int
+    num_heads: int  # H and Hkv of the whole layer
+    num_kv_heads: int
+    kv_split: bool  # kv heads split over the heads axis (else replicated: parallel/sharding.py)
+    context: str
+    layout: Layout
+    is_causal: bool
+    q_offset: int
+    padded: bool  # a kv_length was given
+    window: tuple[int, int] | None
+    options: Options
+    block_sizes: tuple[int, int] | None
+    length_q: int  # global lengths
+    length_k: int
+
+
+def mesh_attention(
+    params: MHAParams,
+    x_q: Array,  # [B, Lq, D]
+    x_kv: Array | None = None,  # [B, Lk, D_kv]
+    *,
+    num_heads: int,
+    mesh: jax.sharding.Mesh,
+    data_axis: str | None = None,
+    seq_axis: str | None = None,
+    heads_axis: str | None = None,
+    context: str = "ring",
+    is_causal: bool = False,
+    q_offset: int = 0,
+    kv_length: int | Array | None = None,
+    window: int | tuple[int, int] | None = None,
+    layout: Layout | None = None,
+    options: Options | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> Array:  # [B, Lq, D_out]
+    """Multi-head attention over a batch, sharded over `mesh`: the batch over `data_axis`,
+    the sequence over `seq_axis` (by `context`: "ring", "all_to_all" or "all_gather"),
+    the heads over `heads_axis`. An axis left None is not used; mesh axes not named hold
+    copies. Equals `mha_jax.batched_attention` up to float rounding.
+
+    is_causal, q_offset (a Python int), kv_length (`[B]`), window: the mask rules in
+    global positions, as in `batched_attention` (no window with a striped ring).
+    layout: the order of the sequence rows in `x_q`, `x_kv` and the output (None:
+    natural; `Layout("striped", N)` balances causal work, see `to_layout`).
+    options: scale, dtype, softcap, rope, qk_norm_eps as in `mha_jax.Options` (no
+    dropout; each device runs the blockwise kernel). Call inside `jax.jit`; the output
+    is sharded `P(data_axis, seq_axis)`.
+    """
+    options = Options() if options is None else options
+    x_q = _checks.as_array("x_q", x_q)
+    x_kv = x_q if x_kv is None else _checks.as_array("x_kv", x_kv)
+    plan = _plan(params, x_q, x_kv, mesh, num_heads, data_axis, seq_axis, heads_axis, context, options)
+    batch, length_q, length_k = x_q.shape[0], x_q.shape[1], x_kv.shape[1]
+    if seq_axis is None and layout is not None and layout.kind != "contiguous":
+        raise _checks.fail(
+            "layout", "be None or contiguous when no seq_axis shards the sequence", repr(layout)
+        )
+    layout = check_layout_for(layout, seq_axis, mesh.shape[seq_axis] if seq_axis else 1)
+    if context == "all_gather" and layout.kind != "contiguous":
+        raise _checks.fail("layout", 'be contiguous (None) for context="all_gather"', repr(layout))
+    if not _checks.is_int(q_offset):
+        raise _checks.fail("q_offset", "be a Python int (the same for every example)", repr(q_offset))
+    kv_length = None if kv_length is None else _checks.as_array("kv_length", kv_length)
+    structure = Structure(is_causal, int(q_offset), kv_length, normalize_window(window))
+    if structure.window is not None and context == "ring" and layout.kind == "striped":
+        raise _checks.fail(
+            "window", "be None for a striped ring (a striped chunk pair is not a band)", window
+        )
+    _validate.check_call(
+        params, x_q, x_kv, num_heads=num_heads, mask=None, bias=None, structure=structure,
+        options=options, rng=None, return_weights=False, batch=batch,
+    )  # fmt: skip
+    plan = plan._replace(
+        layout=layout,
+        is_causal=is_causal,
+        q_offset=int(q_offset),
+        padded=kv_length is not None,
+        window=structure.window,
+        block_sizes=None if block_sizes is None else tuple(block_sizes),
+        length_q=length_q,
+        length_k=length_k,
+    )
+    rows = P(data_axis, seq_axis)
+    specs = sharding.param_specs(params, mesh, num_heads=num_heads, heads_axis=heads_axis)
+    lengths = jnp.full((batch,), length_k) if kv_length is None else kv_length
+    per_device = jax.shard_map(
+        functools.partial(_on_each_device, plan=plan),
+        mesh=mesh,
+        in_specs=(specs, rows, rows, P(data_axis)),
+        out_specs=rows,
+    )
+    return per_device(params, x_q, x_kv, jnp.clip(lengths, 0, length_k).astype(jnp.int32))
+
+
+def _plan(params, x_q, x_kv, mesh, num_heads, data_axis, seq_axis, heads_axis, context, options) -> Plan:
+    """Check the mesh, the shapes and the head counts against each other (trace time)."""
+    if not isinstance(params, MHAParams):
+        raise TypeError(f"params must be an mha_jax.MHAParams; got {type(params).__name__}")
+    if not isinstance(mesh, jax.sharding.Mesh | jax.sharding.AbstractMesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
+    _checks.check_choice("context", context, list(CONTEXTS))
+    if not isinstance(options, Options):
+        raise TypeError(f"options must be an mha_jax.Options or None; got {type(options).__name__}")
+    if options.dropout_rate > 0 or options.implementation not in ("auto", "blockwise"):
+        raise _checks.fail(
+            "options", 'have dropout_rate=0 and implementation "auto" or "blockwise" (the kernel '
+            "mesh_attention runs on each device)", options,
+        )  # fmt: skip
+    sizes = {
+        name: sharding.check_axis(name, axis, mesh)
+        for name, axis in (("data_axis", data_axis), ("seq_axis", seq_axis), ("heads_axis", heads_axis))
+    }
+    named = [axis for axis in (data_axis, seq_axis, heads_axis) if axis is not None]
+    if len(set(named)) != len(named):
+        raise _checks.fail("data_axis, seq_axis and heads_axis", "name different mesh axes", named)
+    _checks.check_rank("x_q", x_q, 3, "[B, Lq, D]")
+    _checks.check_rank("x_kv", x_kv, 3, "[B, Lk, D_kv]")
+    data = f"the size of data_axis {data_axis!r}"
+    _checks.check_divides("x_q.shape[0] (B)", x_q.shape[0], data, sizes["data_axis"])
+    seq = f"the size of seq_axis {seq_axis!r}"
+    _checks.check_divides("x_q.shape[1] (Lq)", x_q.shape[1], seq, sizes["seq_axis"])
+    _checks.check_divides("x_kv.shape[1] (Lk)", x_kv.shape[1], seq, sizes["seq_axis"])
+    num_heads, num_kv_heads = sharding.head_counts(params, num_heads)
+    heads_size = sizes["heads_axis"]
+    split = sharding.kv_heads_split(num_heads, num_kv_heads, heads_size, heads_axis) if heads_axis else True
+    if context == "all_to_all" and seq_axis is not None:
+        local_kv = num_kv_heads // heads_size if split else 1
+        where = f" (per device of heads_axis {heads_axis!r})" if heads_axis else ""
+        check_heads(num_heads // heads_size, local_kv, sizes["seq_axis"], seq_axis, where)
+    return Plan(
+        data_axis, seq_axis, heads_axis, heads_size, num_heads, num_kv_heads, split, context,
+        Layout(), False, 0, False, None, options, None, 0, 0,
+    )  # fmt: skip
+
+
+def _on_each_device(params: MHAParams, x_q, x_kv, kv_length, *, plan: Plan):
+    """One device: `[b, Cq, D], [b, Ck, D_kv], [b] -> [b, Cq, D_out]`."""
+    options = plan.options
+    dtype = x_q.dtype if options.dtype is None else options.dtype
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    batch, chunk_q, chunk_k = x_q.shape[0], x_q.shape[1], x_kv.shape[1]
+    local_heads = plan.num_heads // plan.heads_size
+    local_kv_heads = plan.num_kv_heads // plan.heads_size if plan.kv_split else 1
+    replicated = dict(split=plan.kv_split, heads_axis=plan.heads_axis, axis_size=plan.heads_size)
+    w_k, b_k = sharding.local_kv(params.w_k, params.b_k, num_kv_heads=plan.num_kv_heads, **replicated)
+    w_v, b_v = sharding.local_kv(params.w_v, params.b_v, num_kv_heads=plan.num_kv_heads, **replicated)
+    shard = 0 if plan.seq_axis is None else jax.lax.axis_index(plan.seq_axis)
+    q_rows = plan.layout.positions(shard, chunk_q)  # [Cq] global row numbers of our queries
+    k_rows = plan.layout.positions(shard, chunk_k)  # [Ck] and keys
+    hide = functools.partial(_hide_unseen_rows, q_rows=q_rows, k_rows=k_rows, plan=plan)
+    x_q, x_kv = jax.vmap(hide)(x_q.astype(dtype), x_kv.astype(dtype), kv_length)
+
+    rows = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # [b, C, ...] -> [b·C, ...]
+    q = project_heads(rows(x_q), params.w_q, params.b_q, local_heads)  # [b·Cq, H/h, Dh]
+    k = project_heads(rows(x_kv), w_k, b_k, local_kv_heads)  # [b·Ck, Hkv/h, Dh]
+    v = project_heads(rows(x_kv), w_v, b_v, local_kv_heads)  # [b·Ck, Hkv/h, Dh]
+    if params.q_norm is not None:
+        q = qk_norm(q, params.q_norm, eps=options.qk_norm_eps)
+        k = qk_norm(k, params.k_norm, eps=options.qk_norm_eps)
+    unrows = lambda x, length: x.reshape(batch, length, *x.shape[1:])
+    q, k, v = unrows(q, chunk_q), unrows(k, chunk_k), unrows(v, chunk_k)
+    if options.rope is not None:  # at the rows' global positions, whatever the layout
+        rotate = jax.vmap(apply_rope, in_axes=(0, None, None))
+        q, k = rotate(q, q_rows + plan.q_offset, options.rope), rotate(k, k_rows, options.rope)
+    heads = jax.vmap(functools.partial(_attend, plan=plan))(q, k, v, kv_length)  # [b, Cq, H/h, Dh]
+    # This device's heads times its rows of w_o: a partial sum of the output projection.
+    out = merge_project(rows(heads), params.w_o, None)  # [b·Cq, D_out]
+    if plan.heads_axis is not None:
+        out = jax.lax.psum(out, plan.heads_axis)
+    out = out if params.b_o is None else out + params.b_o
+    return unrows(out, chunk_q)  # [b, Cq, D_out]
+
+
+def _attend(q, k, v, kv_length, *, plan: Plan):
+    """One example on one device: `[Cq, H/h, Dh], [Ck, Hkv/h, Dh] x2 -> [Cq, H/h, Dh]`."""
+    kv_length = kv_length if plan.padded else None
+    settings = dict(scale=plan.options.scale, softcap=plan.options.softcap, block_sizes=plan.block_sizes)
+    if plan.seq_axis is None:
+        structure = Structure(plan.is_causal, plan.q_offset, kv_length, plan.window)
+        return blockwise_attention(q, k, v, structure=structure, **settings)
+    return CONTEXTS[plan.context](
+        q,
+        k,
+        v,
+        axis_name=plan.seq_axis,
+        is_causal=plan.is_causal,
+        q_offset=plan.q_offset,
+        kv_length=kv_length,
+        window=plan.window,
+        layout=plan.layout,
+        **settings,
+    )
+
+
+def _hide_unseen_rows(x_q, x_kv, kv_length, *, q_rows, k_rows, plan: Plan):
+    """Zero the key rows no query may see and the query rows that see nothing (one
+    example, this device's rows, given by their global row numbers), as
+    `mha_jax.core.zero_hidden_rows` does: garbage, NaN included, in padding then never
+    reaches a valid row or a gradient."""
+    rules = Structure(plan.is_causal, plan.q_offset, kv_length if plan.padded else None, plan.window)
+    if rules.is_trivial:
+        return x_q, x_kv
+    lo, hi = rules.keys_seen(q_rows, q_rows, plan.length_k)
+    query_sees = hi > lo
+    lo, hi = rules.rows_seeing(k_rows, k_rows, plan.length_q)
+    key_seen = hi > lo
+    return jnp.where(query_sees[:, None], x_q, 0), jnp.where(key_seen[:, None], x_kv, 0)

@@ -1,0 +1,76 @@
+"""All-to-all (DeepSpeed-Ulysses) context parallelism: trade the sequence split for a
+head split, attend locally, trade back.
+
+Each of the N devices on `axis_name` holds a chunk of the sequence with every head,
+`[C, H, Dh]`. One `all_to_all` sends head group g of each chunk to device g, which
+then holds the whole sequence for `H/N` heads, `[L, H/N, Dh]`: ordinary attention,
+with every mask rule the blockwise kernel knows. A second `all_to_all` brings the
+heads back to their sequence chunks. Four all-to-alls per layer (q, out: `C·H·Dh`
+values; k, v: `C·Hkv·Dh`), each moving `(N-1)/N` of its array: per device O(L/N)
+traffic, against the ring's O(L).
+
+Head-count limits (N the axis size): `H` divisible by `N`; `Hkv` divisible by `N`, or
+`N` divisible by `Hkv`, in which case each kv head is repeated `N/Hkv` times before the
+exchange (query head h still reads kv head h // G: the repeat keeps the grouping), so
+the kv traffic grows to that of `N` heads. Under head parallelism too, these apply to
+the heads *each* device holds. So N cannot exceed H: Ulysses scales with the head
+count, the ring with the sequence.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from mha_jax import _checks
+from mha_jax.kernels.blockwise import blockwise_attention
+from mha_jax.masks import Structure, normalize_window
+from mha_jax.parallel.layout import Layout, bound_axis_size, check_layout_for, from_layout, to_layout
+
+
+def check_heads(num_heads: int, num_kv_heads: int, axis_size: int, axis_name: str, where: str = "") -> None:
+    """The head-count limits above, as errors naming the count."""
+    limit = f"the size of mesh axis {axis_name!r} ({axis_size}) for all-to-all attention{where}"
+    if num_heads % axis_size:
+        raise _checks.fail("num_heads (H)", f"be divisible by {limit}", num_heads)
+    if num_kv_heads % axis_size and axis_size % num_kv_heads:
+        raise _checks.fail("num_kv_heads (Hkv)", f"divide, or be divisible by, {limit}", num_kv_heads)
+
+
+def all_to_all_attention(
+    q: Array,  # [Cq, H, Dh] this device's queries
+    k: Array,  # [Ck, Hkv, Dh]
+    v: Array,  # [Ck, Hkv, Dh]
+    *,
+    axis_name: str,
+    is_causal: bool = False,
+    q_offset: int | Array = 0,
+    kv_length: int | Array | None = None,
+    window: int | tuple[int, int] | None = None,
+    layout: Layout | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> Array:  # [Cq, H, Dh]
+    """As `ring_attention` (same arguments, one example per device inside `jax.shard_map`),
+    by all-to-all: every mask rule in global positions, any layout."""
+    axis_size = bound_axis_size(axis_name)
+    layout = check_layout_for(layout, axis_name, axis_size)
+    _checks.check_rank("q", q, 3, "[Cq, H, Dh]")
+    _checks.check_rank("k", k, 3, "[Ck, Hkv, Dh]")
+    _checks.check_shape("v", v, k.shape, "[Ck, Hkv, Dh] (the shape of k)")
+    check_heads(q.shape[1], k.shape[1], axis_size, axis_name)
+    if k.shape[1] % axis_size:  # fewer kv heads than devices: one (repeated) kv head each
+        k, v = (jnp.repeat(x, axis_size // k.shape[1], axis=1) for x in (k, v))
+
+    def heads_to_sequence(x):  # [C, heads, Dh] -> [L, heads / N, Dh] (rows in layout order)
+        return jax.lax.all_to_all(x, axis_name, split_axis=1, concat_axis=0, tiled=True)
+
+    q, k, v = (from_layout(heads_to_sequence(x), layout, axis=0) for x in (q, k, v))  # natural order
+    structure = Structure(is_causal, q_offset, kv_length, normalize_window(window))
+    heads = blockwise_attention(
+        q, k, v, structure=structure, scale=scale, softcap=softcap, block_sizes=block_sizes
+    )
+    heads = to_layout(heads, layout, axis=0)  # [Lq, H / N, Dh]
+    return jax.lax.all_to_all(heads, axis_name, split_axis=0, concat_axis=1, tiled=True)  # [Cq, H, Dh]
