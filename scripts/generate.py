@@ -1,0 +1,241 @@
+"""Generate text with a pretrained model running on mha_jax, streamed as it decodes.
+
+    python scripts/generate.py --prompt "LLM with me." --max-new-tokens 64
+    python scripts/generate.py --chat --prompt "What is attention?" --temperature 0.7 --top-p 0.9 --seed 1
+    python scripts/generate.py --prompt "LLM with me." --compare    (+ transformers' greedy generate)
+
+The prompt is prefilled in one call, then each new token is one cached step (greedy
+unless --temperature > 0); the text is printed piece by piece as it decodes, then the
+prefill and decode speeds. Both steps are compiled first, by a 2-token run on the same
+shapes, so the speeds leave compilation out. --chat wraps the prompt in the model's chat
+template (from its GGUF) and stops at its end-of-turn token. --compare loads HF
+transformers' model from the same GGUF (float32, CPU; about 30 s), runs its greedy
+`generate` on the same token ids in this process, and prints both speeds and whether the
+tokens agree. Nothing is downloaded: the checkpoints are the ones the Makefile installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from mha_jax.interop import checkpoint_path, gguf
+from mha_jax.models import llama
+
+
+class Checkpoint(NamedTuple):
+    """What the script needs of a model. Another model (`--model gemma3`) is one more loader
+    in `MODELS` returning this record, with its own `generate` of the same signature."""
+
+    model: Any
+    tokenizer: Any  # a `tokenizers.Tokenizer`
+    encode: Callable[[str], list[int]]  # text -> ids, as the model expects them (no BOS for SmolLM2)
+    chat_template: str  # jinja2, from the GGUF metadata
+    stop_ids: tuple[int, ...]  # end of a chat turn
+    # (model, ids [B, L], lengths [B], max_new_tokens, *, stop_ids, rng, temperature, top_k, top_p,
+    # capacity) -> tokens [B] per step
+    generate: Callable[..., Iterator[np.ndarray]]
+    gguf_path: Path  # for --compare: transformers loads the same file
+    hf_class: str  # for --compare: transformers' class name
+
+
+def smollm2() -> Checkpoint:
+    path = checkpoint_path("smollm2-135m-instruct")
+    model, tokenizer = llama.load(path)
+    return Checkpoint(
+        model=model,
+        tokenizer=tokenizer,
+        encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+        chat_template=gguf.open_gguf(path).metadata["tokenizer.chat_template"],
+        stop_ids=(model.config.eos_token_id,),
+        generate=llama.generate,
+        gguf_path=path,
+        hf_class="LlamaForCausalLM",
+    )
+
+
+MODELS: dict[str, Callable[[], Checkpoint]] = {"smollm2": smollm2}
+
+
+class TextStream:
+    """The text of the tokens so far, handed out in pieces as they complete: a byte-level token
+    may hold part of a character (郭 is three SmolLM2 tokens), so a piece waits for the rest."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an unfinished character
+            return ""
+        piece, self.shown = text[self.shown :], len(text)
+        return piece
+
+
+class Timed(NamedTuple):
+    tokens: list[int]
+    prefill_s: float  # until the first new token was on the host
+    decode_s: float  # from the first new token to the last
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("nan")
+
+
+def speeds(name: str, timed: Timed, prompt_tokens: int) -> str:
+    decoded = len(timed.tokens) - 1  # the first new token comes from the prefill
+    return (
+        f"{name}: prefill {prompt_tokens} tokens in {timed.prefill_s:.3f} s "
+        f"({rate(prompt_tokens, timed.prefill_s):.1f} tokens/s); decode {decoded} tokens in "
+        f"{timed.decode_s:.2f} s ({rate(decoded, timed.decode_s):.1f} tokens/s)"
+    )
+
+
+def run_ours(checkpoint: Checkpoint, ids: list[int], args) -> Timed:
+    prompt, lengths = np.array([ids], np.int32), np.array([len(ids)], np.int32)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    capacity = llama.cache_capacity(len(ids) + max(args.max_new_tokens, 2) - 1)  # room for the warm-up
+    warm = checkpoint.generate(checkpoint.model, prompt, lengths, 2, capacity=capacity, **sampling)
+    started = time.perf_counter()
+    list(warm)  # compiles the prefill and the decode step for these shapes
+    print(
+        f"[compiled the prefill and decode steps in {time.perf_counter() - started:.1f} s]", file=sys.stderr
+    )
+
+    stream, tokens, first = TextStream(checkpoint.tokenizer), [], None
+    started = time.perf_counter()
+    steps = checkpoint.generate(
+        checkpoint.model, prompt, lengths, args.max_new_tokens, stop_ids=checkpoint.stop_ids,
+        rng=jax.random.PRNGKey(args.seed), capacity=capacity, **sampling,
+    )  # fmt: skip
+    for step in steps:
+        now = time.perf_counter()
+        first = now if first is None else first
+        tokens.append(int(step[0]))
+        sys.stdout.write(stream.add(tokens[-1]))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return Timed(tokens, first - started, now - first)
+
+
+def run_transformers(checkpoint: Checkpoint, ids: list[int], max_new_tokens: int) -> Timed:
+    """HF transformers' greedy `generate` on the same file and ids, float32 on the CPU; a clock
+    streamer stamps each new token as `generate` hands it out."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+    import transformers
+
+    path = checkpoint.gguf_path
+    print(f"[loading transformers' {checkpoint.hf_class} from {path.name}]", file=sys.stderr)
+    hf_class = getattr(transformers, checkpoint.hf_class)
+    model = hf_class.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+    class Clock(transformers.generation.streamers.BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):  # first the prompt, then each new token
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    prompt = torch.tensor([ids])
+    stop_ids = list(checkpoint.stop_ids)
+    settings = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=stop_ids[0],
+                    eos_token_id=stop_ids)  # fmt: skip
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=2, **settings)  # warm-up, as ours
+        clock, started = Clock(), time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=max_new_tokens, streamer=clock, **settings)
+    first, last = clock.times[1], clock.times[-1]
+    return Timed(out[0, len(ids) :].tolist(), first - started, last - first)
+
+
+class ArgumentError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise ArgumentError(message)
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--prompt", required=True, help="the text to continue (with --chat: the user's message)"
+    )
+    parser.add_argument("--model", default="smollm2", choices=list(MODELS))
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    parser.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (needs --temperature)")
+    parser.add_argument("--top-p", type=float, help="sample from the likeliest tokens up to probability p")
+    parser.add_argument("--seed", type=int, default=0, help="for sampling")
+    parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    parser.add_argument("--compare", action="store_true", help="also run HF transformers' greedy generate")
+    args = parser.parse_args(argv)
+    checks = [
+        (not args.prompt.strip(), "--prompt must not be empty"),
+        (args.max_new_tokens < 1, f"--max-new-tokens must be at least 1; got {args.max_new_tokens}"),
+        (args.temperature < 0, f"--temperature must be >= 0; got {args.temperature}"),
+        (args.top_k is not None and args.top_k < 1, f"--top-k must be at least 1; got {args.top_k}"),
+        (args.top_p is not None and not 0 < args.top_p <= 1, f"--top-p must lie in (0, 1]; got {args.top_p}"),
+        (
+            args.temperature == 0 and (args.top_k is not None or args.top_p is not None),
+            "--top-k and --top-p shape sampling: give --temperature > 0 with them (0 is greedy)",
+        ),
+        (args.compare and args.temperature > 0, "--compare runs greedy decoding: leave out --temperature"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise ArgumentError(message)
+    return args
+
+
+def cli(argv: list[str] | None = None) -> int | str:
+    """The command line: its exit status, or the one `error: ...` line to exit with."""
+    try:
+        args = parse_args(argv)
+    except ArgumentError as error:
+        return f"error: {error}"
+    checkpoint = MODELS[args.model]()
+    text = args.prompt
+    if args.chat:
+        text = llama.chat_prompt(checkpoint.chat_template, [{"role": "user", "content": args.prompt}])
+    ids = checkpoint.encode(text)
+    context = checkpoint.model.config.max_positions
+    if len(ids) + args.max_new_tokens - 1 > context:
+        return f"error: the prompt ({len(ids)} tokens) and --max-new-tokens must fit {context} positions"
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    ours = run_ours(checkpoint, ids, args)
+    print(speeds("mha_jax", ours, len(ids)))
+    if args.compare:
+        theirs = run_transformers(checkpoint, ids, args.max_new_tokens)
+        print(speeds("transformers", theirs, len(ids)))
+        speedup = rate(len(ours.tokens) - 1, ours.decode_s) / rate(len(theirs.tokens) - 1, theirs.decode_s)
+        pairs = zip(ours.tokens, theirs.tokens, strict=False)
+        differ = next(
+            (i for i, (a, b) in enumerate(pairs) if a != b), min(len(ours.tokens), len(theirs.tokens))
+        )
+        agree = ours.tokens == theirs.tokens
+        verdict = (
+            f"yes ({len(ours.tokens)} of {len(ours.tokens)})" if agree else f"no (from token {differ} on)"
+        )
+        print(f"decode speed: mha_jax / transformers = {speedup:.2f}x; tokens agree: {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
