@@ -3,12 +3,14 @@
     python scripts/generate.py --prompt "LLM with me." --max-new-tokens 64
     python scripts/generate.py --chat --prompt "What is attention?" --temperature 0.7 --top-p 0.9 --seed 1
     python scripts/generate.py --prompt "LLM with me." --compare    (+ transformers' greedy generate)
+    python scripts/generate.py --model gemma3 --prompt "The capital of France is" --compare
 
 The prompt is prefilled in one call, then each new token is one cached step (greedy
 unless --temperature > 0); the text is printed piece by piece as it decodes, then the
 prefill and decode speeds. Both steps are compiled first, by a 2-token run on the same
 shapes, so the speeds leave compilation out. --chat wraps the prompt in the model's chat
-template (from its GGUF) and stops at its end-of-turn token. --compare loads HF
+template (from its GGUF; SmolLM2's only: the Gemma 3 270M file is the base model and holds
+none) and stops at its end-of-turn token. --compare loads HF
 transformers' model from the same GGUF (float32, CPU; about 30 s), runs its greedy
 `generate` on the same token ids in this process, and prints both speeds and whether the
 tokens agree. Nothing is downloaded: the checkpoints are the ones the Makefile installs.
@@ -28,7 +30,7 @@ import jax
 import numpy as np
 
 from mha_jax.interop import checkpoint_path, gguf
-from mha_jax.models import llama
+from mha_jax.models import gemma, llama
 
 
 class Checkpoint(NamedTuple):
@@ -38,7 +40,7 @@ class Checkpoint(NamedTuple):
     model: Any
     tokenizer: Any  # a `tokenizers.Tokenizer`
     encode: Callable[[str], list[int]]  # text -> ids, as the model expects them (no BOS for SmolLM2)
-    chat_template: str  # jinja2, from the GGUF metadata
+    chat_template: str | None  # jinja2, from the GGUF metadata
     stop_ids: tuple[int, ...]  # end of a chat turn
     # (model, ids [B, L], lengths [B], max_new_tokens, *, stop_ids, rng, temperature, top_k, top_p,
     # capacity) -> tokens [B] per step
@@ -62,7 +64,22 @@ def smollm2() -> Checkpoint:
     )
 
 
-MODELS: dict[str, Callable[[], Checkpoint]] = {"smollm2": smollm2}
+def gemma3() -> Checkpoint:
+    path = checkpoint_path("gemma3-270m")
+    model, tokenizer = gemma.load(path)
+    return Checkpoint(
+        model=model,
+        tokenizer=tokenizer,
+        encode=lambda text: gemma.encode(tokenizer, text).tolist(),  # <bos> first
+        chat_template=None,  # the base model's file has none
+        stop_ids=(model.config.eos_token_id,),
+        generate=gemma.stream_tokens,
+        gguf_path=path,
+        hf_class="Gemma3ForCausalLM",
+    )
+
+
+MODELS: dict[str, Callable[[], Checkpoint]] = {"smollm2": smollm2, "gemma3": gemma3}
 
 
 class TextStream:
@@ -211,6 +228,8 @@ def cli(argv: list[str] | None = None) -> int | str:
         return f"error: {error}"
     checkpoint = MODELS[args.model]()
     text = args.prompt
+    if args.chat and checkpoint.chat_template is None:
+        return f"error: --chat: the {args.model} checkpoint holds no chat template (a base model)"
     if args.chat:
         text = llama.chat_prompt(checkpoint.chat_template, [{"role": "user", "content": args.prompt}])
     ids = checkpoint.encode(text)

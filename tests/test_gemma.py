@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import heapq
 
+import generate as generate_script
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +115,30 @@ def test_greedy_continuation_equals_transformers_generate(ours, hf_oracle):
     print(f"{PROMPTS[0]!r} ->{text!r}")
 
 
+def test_ragged_batch_streams_each_prompts_own_greedy_continuation(ours, hf_oracle):
+    model, tokenizer = ours
+    prompts = [gemma.encode(tokenizer, text) for text in (PROMPTS[1], PROMPTS[0])]  # row 1 is padded
+    ids = np.zeros((2, max(map(len, prompts))), np.int32)
+    for row, prompt in zip(ids, prompts, strict=True):
+        row[: len(prompt)] = prompt
+    steps = gemma.stream_tokens(model, ids, [len(p) for p in prompts], NEW_TOKENS)  # no stop id
+    new = np.stack(list(steps), axis=1)  # [2, NEW_TOKENS]
+    np.testing.assert_array_equal(new[1], hf_oracle["continuation"])
+    alone = gemma.generate_ids(model, prompts[0], NEW_TOKENS)  # row 0, by itself
+    np.testing.assert_array_equal(new[0, : len(alone)], alone)
+
+
+def test_generate_script_model_gemma3_streams_the_greedy_continuation(ours, hf_oracle, monkeypatch, capsys):
+    monkeypatch.setattr(generate_script.gemma, "load", lambda path: ours)  # already loaded
+    argv = ["--model", "gemma3", "--prompt", PROMPTS[0], "--max-new-tokens", "6"]
+    assert generate_script.cli(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == PROMPTS[0] + ours[1].decode(hf_oracle["continuation"][:6].tolist())
+    assert printed[1].startswith("mha_jax: prefill 6 tokens in ") and "decode 5 tokens in" in printed[1]
+    message = generate_script.cli(argv + ["--chat"])  # the base model's file has no chat template
+    assert message.startswith("error: --chat: the gemma3 checkpoint holds no chat template"), message
+
+
 def test_prefill_then_cached_steps_equal_one_causal_pass(ours, hf_oracle, batch):
     model = ours[0]
     sequence, prompt_length = hf_oracle["ids_0"], len(gemma.encode(ours[1], PROMPTS[0]))
@@ -132,6 +157,8 @@ def test_prefill_then_cached_steps_equal_one_causal_pass(ours, hf_oracle, batch)
 
 def test_weight_tables_round_trip_exactly(ours):
     model = ours[0]
+    # loaded onto the device once: a NumPy leaf would be copied in on every jitted step
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
     tensors = gemma.to_state_dict(model)
     from_file = gguf.hf_names(gguf.read_gguf(PATH)[0], "gemma3")  # no lm_head: tied
     assert len(gemma.weight_table(model.config)) == 2 + 9 * 18

@@ -21,7 +21,7 @@ import transformers
 from flax import nnx
 
 from mha_jax.interop import checkpoint_path, gguf
-from mha_jax.models import llama
+from mha_jax.models import llama, sampling
 
 PATH = checkpoint_path("smollm2-135m-instruct")
 METADATA = gguf.open_gguf(PATH).metadata
@@ -183,6 +183,8 @@ def test_rope_layouts_file_order_interleaved_equals_unpermuted_half(ours, interl
 
 
 def test_weight_table_round_trips_to_the_file_exactly(ours, interleaved, raw):
+    # loaded onto the device once: a NumPy leaf would be copied in on every jitted step
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(nnx.state(ours[0], nnx.Param)))
     assert len(llama.weight_table(ours[0].config)) == len(raw) == 2 + 9 * 30
     for model in (ours[0], interleaved):  # Q and K rows permuted back for "half"; as read for "interleaved"
         tensors = llama.to_tensors(model)
@@ -199,13 +201,13 @@ def test_config_is_read_from_the_gguf_metadata():
 
 def test_sampling_settings():
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 50)), jnp.float32)
-    greedy = np.asarray(llama.sample(logits, jax.random.PRNGKey(0)))
+    greedy = np.asarray(sampling.sample(logits, jax.random.PRNGKey(0)))
     np.testing.assert_array_equal(greedy, np.asarray(logits).argmax(-1))
     for settings in (dict(top_k=1), dict(top_p=1e-6)):  # one candidate left: the argmax
-        drawn = llama.sample(logits, jax.random.PRNGKey(1), temperature=0.8, **settings)
+        drawn = sampling.sample(logits, jax.random.PRNGKey(1), temperature=0.8, **settings)
         np.testing.assert_array_equal(drawn, greedy)
     draws = np.stack(
-        [llama.sample(logits, jax.random.PRNGKey(i), temperature=1.0, top_k=3) for i in range(40)]
+        [sampling.sample(logits, jax.random.PRNGKey(i), temperature=1.0, top_k=3) for i in range(40)]
     )
     top3 = np.argsort(np.asarray(logits), -1)[:, -3:]
     assert all(set(draws[:, b]) <= set(top3[b]) for b in range(3)) and len(set(draws[:, 0])) > 1

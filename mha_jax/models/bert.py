@@ -248,7 +248,8 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], config: BertConfig) -> Be
                 if v is not None  # BERT has no QK-norm scales
             }
         )
-    nnx.replace_by_pure_dict(state, unflatten(ours))
+    # On the device once: NumPy leaves would be copied in again on every jitted call.
+    nnx.replace_by_pure_dict(state, unflatten(jax.tree.map(jnp.asarray, ours)))
     nnx.update(model, state)
     return model
 

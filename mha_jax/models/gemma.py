@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from flax import nnx
 from mha_jax import _checks
 from mha_jax.decoding import KVCache, RoPE, init_cache, rms_norm
 from mha_jax.interop import checkpoint_path, export_params, gguf, import_params, unflatten
+from mha_jax.models import sampling
 from mha_jax.nnx import MultiHeadAttention
 from mha_jax.options import Options
 
@@ -134,12 +135,12 @@ class Block(nnx.Module):
         self.gate, self.up = linear(config.d_model, config.d_ff), linear(config.d_model, config.d_ff)
         self.down = linear(config.d_ff, config.d_model)
 
-    def __call__(self, x, cache: KVCache | None):  # [B, T, D] -> ([B, T, D], cache)
+    def __call__(self, x, cache: KVCache | None, lengths=None):  # [B, T, D] -> ([B, T, D], cache)
         h = self.attention_norm(x)
         if cache is None:  # one causal pass over the whole sequence
             h = self.attention(h, is_causal=True, window=self.window)
-        else:  # the new tokens against the cache, which they join
-            h, cache = self.attention(h, cache=cache, window=self.window)
+        else:  # the new tokens against the cache, which takes each example's first lengths[b]
+            h, cache = self.attention(h, cache=cache, lengths=lengths, window=self.window)
         x = x + self.post_attention_norm(h)
         h = self.mlp_norm(x)
         hidden = jax.nn.gelu(self.gate(h), approximate=True) * self.up(h)  # [B, T, D_ff]
@@ -159,19 +160,21 @@ class Gemma(nnx.Module):
     def __call__(self, ids):  # [B, T] -> logits [B, T, V]: one causal pass, no cache
         return self.logits(self.hidden(ids)[0])
 
-    def hidden(self, ids, caches: tuple[KVCache, ...] | None = None):  # -> (x [B, T, D], caches)
+    def hidden(self, ids, caches=None, lengths=None):  # -> (x [B, T, D], caches or None)
         _checks.check_rank("ids", ids, 2, "[B, T]")
         _checks.check_integer("ids", ids)
         # HF scales in the embedding's dtype: sqrt(640) rounded to float32 (to bfloat16 in bf16).
         x = self.embed(ids) * jnp.float32(math.sqrt(self.config.d_model)).astype(self.embed.embedding.dtype)
         new_caches = []
         for block, cache in zip(self.blocks, caches or (None,) * len(self.blocks), strict=True):
-            x, cache = block(x, cache)  # [B, T, D]
+            x, cache = block(x, cache, lengths)  # [B, T, D]
             new_caches.append(cache)
         return self.final_norm(x), None if caches is None else tuple(new_caches)
 
     def logits(self, x):  # [..., D] -> [..., V]: the tied embedding, soft-capped if configured
-        logits = self.embed.attend(x)
+        # (not nnx.Embed.attend's x @ embeddingᵀ: XLA's CPU dot copied the [V, D] table first,
+        # 671 MB per decode step; see llama.py)
+        logits = jnp.einsum("...d,vd->...v", x, self.embed.embedding[...])
         if (cap := self.config.final_logit_softcap) is not None:
             logits = cap * jnp.tanh(logits / cap)
         return logits
@@ -195,13 +198,16 @@ def init_caches(config: GemmaConfig, batch: int, capacity: int) -> tuple[KVCache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def step(graphdef: nnx.GraphDef, params: nnx.State, caches: tuple[KVCache, ...], ids):
+def step(graphdef: nnx.GraphDef, params: nnx.State, caches: tuple[KVCache, ...], ids, lengths=None):
     """`ids [B, T]` after the cached positions -> `(logits [B, V] of the last one, caches)`.
     Prefill is a step with the whole prompt, decoding a step with one token (the 262k-word
-    output layer runs on the last position only); `graphdef, params = nnx.split(model)`."""
+    output layer runs on the last position only); `graphdef, params = nnx.split(model)`.
+    `lengths [B]`, for a right-padded batch: each example's real tokens (default: all T);
+    the logits are those of each example's last real token."""
     model = nnx.merge(graphdef, params)
-    x, caches = model.hidden(ids, caches)  # [B, T, D]
-    return model.logits(x[:, -1]), caches
+    x, caches = model.hidden(ids, caches, lengths)  # [B, T, D]
+    last = x[:, -1] if lengths is None else x[jnp.arange(ids.shape[0]), lengths - 1]  # [B, D]
+    return model.logits(last), caches
 
 
 def generate_ids(model: Gemma, ids, max_new_tokens: int) -> np.ndarray:
@@ -211,22 +217,37 @@ def generate_ids(model: Gemma, ids, max_new_tokens: int) -> np.ndarray:
     if ids.ndim != 1 or not ids.size:
         raise _checks.fail("ids", "be one non-empty sequence [L] of token ids", f"shape {ids.shape}")
     _checks.check_integer("ids", ids)
-    _checks.check_positive("max_new_tokens", max_new_tokens)
-    graphdef, params = nnx.split(model)
-    caches = init_caches(model.config, 1, len(ids) + max_new_tokens)
-    logits, caches = step(graphdef, params, caches, jnp.asarray(ids, jnp.int32)[None])  # prefill
-    new = []
-    while True:
-        new.append(int(jnp.argmax(logits[0])))
-        if new[-1] == model.config.eos_token_id or len(new) == max_new_tokens:
-            return np.array(new, np.int32)
-        logits, caches = step(graphdef, params, caches, jnp.array([[new[-1]]], jnp.int32))  # [1, V]
+    steps = stream_tokens(model, ids[None], [len(ids)], max_new_tokens, stop_ids=(model.config.eos_token_id,))
+    return np.concatenate(list(steps))  # [1] per step
 
 
 def generate(model: Gemma, tokenizer: tokenizers.Tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
     """The greedy continuation of `prompt` as text (the prompt not included)."""
     new = generate_ids(model, encode(tokenizer, prompt), max_new_tokens)
     return tokenizer.decode(new.tolist(), skip_special_tokens=True)
+
+
+def stream_tokens(
+    model: Gemma, ids, lengths, max_new_tokens: int, *, stop_ids: Sequence[int] = (), rng=None,
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+    capacity: int | None = None,
+) -> Iterator[np.ndarray]:  # fmt: skip
+    """Continue the right-padded prompts `ids [B, L]` (<bos> first, `lengths [B]`): yields each
+    step's new tokens [B], as `llama.generate` does (greedy unless temperature > 0), until
+    `max_new_tokens` or every example has produced a stop id. The caches hold `capacity`
+    positions (default: the prompt and the new tokens)."""
+    ids, lengths = jnp.asarray(ids, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    _checks.check_positive("max_new_tokens", max_new_tokens)
+    needed = ids.shape[1] + max_new_tokens - 1  # the last token is yielded, never appended
+    capacity = needed if capacity is None else capacity
+    if needed > capacity:
+        raise _checks.fail("capacity", f"hold the prompt and the new tokens ({needed})", capacity)
+    graphdef, params = nnx.split(model)
+    caches = init_caches(model.config, ids.shape[0], capacity)
+    yield from sampling.stream(
+        functools.partial(step, graphdef, params), caches, ids, lengths, max_new_tokens,
+        stop_ids=stop_ids, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
+    )  # fmt: skip
 
 
 # ---- Tokenizer: the GGUF's SentencePiece BPE, rebuilt with PyPI `tokenizers` ----
@@ -361,7 +382,8 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], config: GemmaConfig) -> G
         )  # fmt: skip
         for name in ("w_q", "w_k", "w_v", "w_o"):  # no biases; q_norm, k_norm came from BLOCK
             ours[f"blocks.{i}.attention.{name}"] = np.asarray(getattr(params, name), np.float32)
-    nnx.replace_by_pure_dict(state, unflatten(ours))
+    # On the device once: NumPy leaves would be copied in again on every jitted call (1 GB).
+    nnx.replace_by_pure_dict(state, unflatten(jax.tree.map(jnp.asarray, ours)))
     nnx.update(model, state)
     return model
 

@@ -44,6 +44,7 @@ from flax import nnx
 from mha_jax import _checks
 from mha_jax.decoding import KVCache, RoPE, init_cache, rms_norm
 from mha_jax.interop import checkpoint_path, gguf, unflatten
+from mha_jax.models import sampling
 from mha_jax.nnx import MultiHeadAttention
 from mha_jax.options import Options
 
@@ -209,26 +210,6 @@ def cache_capacity(positions: int, multiple: int = 64) -> int:
     return -(-positions // multiple) * multiple
 
 
-@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def sample(logits, rng, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
-    """The next token [B] from logits [B, V]: argmax when temperature is 0; else a draw from
-    softmax(logits / temperature), kept to the top_k likeliest and the smallest set of
-    likeliest tokens whose probability reaches top_p."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V], likeliest first
-        probabilities = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probabilities, axis=-1) - probabilities  # of the likelier tokens
-        cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits).astype(jnp.int32)
-
-
 def generate(
     model: Llama, ids, lengths, max_new_tokens: int, *, stop_ids: Sequence[int] = (), rng=None,
     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -238,12 +219,11 @@ def generate(
     tokens [B] (NumPy), `max_new_tokens` times or until every example has produced a stop id.
 
     The first token comes from one prefill call over the whole batch; each later one from
-    a step of T=1. The next step is dispatched before the host reads the current token.
+    a step of T=1 (`sampling.stream`; `sampling.sample` draws with the settings given).
     The caches (in the weights' dtype) hold `capacity` positions (default: `cache_capacity`)."""
     ids, lengths = jnp.asarray(ids, jnp.int32), jnp.asarray(lengths, jnp.int32)
     _checks.check_positive("max_new_tokens", max_new_tokens)
     graphdef, params = nnx.split(model)
-    step = decode_step(graphdef)
     batch, prompt = ids.shape
     needed = prompt + max_new_tokens - 1  # the last token is yielded, never appended
     if capacity is None:
@@ -251,22 +231,11 @@ def generate(
     if needed > capacity:
         raise _checks.fail("capacity", f"hold the prompt and the new tokens ({needed})", capacity)
     caches = init_caches(model.config, batch, capacity, model.embed.embedding[...].dtype)
-    rng = jax.random.PRNGKey(0) if rng is None else rng  # one key per drawn token; greedy draws none
-    keys = jax.random.split(rng, max_new_tokens) if temperature > 0 else [rng] * max_new_tokens
-    choose = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits, caches = step(params, caches, ids, lengths)
-    tokens, ones = choose(logits, keys[0]), jnp.ones((batch,), jnp.int32)
-    done = np.zeros(batch, bool)
-    for n in range(max_new_tokens):
-        if n + 1 < max_new_tokens:  # queue the next step; the host waits only for `tokens`
-            logits, caches = step(params, caches, tokens[:, None], ones)
-            following = choose(logits, keys[n + 1])
-        current = np.asarray(tokens)
-        yield current
-        done |= np.isin(current, stop_ids)
-        if done.all():
-            return
-        tokens = following
+    step = functools.partial(decode_step(graphdef), params)
+    yield from sampling.stream(
+        step, caches, ids, lengths, max_new_tokens, stop_ids=stop_ids, rng=rng,
+        temperature=temperature, top_k=top_k, top_p=top_p,
+    )  # fmt: skip
 
 
 # ---- Weights: the GGUF file's tensors <-> the model's state ----
