@@ -57,7 +57,8 @@ from bench import block  # scripts/bench.py: block_until_ready for any result
 
 import mha_jax
 from mha_jax import kernels
-from mha_jax.decoding import KVCache, cached_attention
+from mha_jax.decoding import KVCache, cached_attention, scan
+from mha_jax.decoding import step as decoding_step
 from mha_jax.kernels import blockwise
 from mha_jax.masks import Structure
 from mha_jax.options import Options
@@ -190,12 +191,19 @@ def compiled_summary(step, params, cache, x) -> str:
     whole = "[" + ",".join(str(n) for n in cache.k.shape) + "]"
     loops = sum(" while(" in line for line in lines)
     gathers = sum(" gather(" in line for line in lines)
-    converts = sum(" convert(" in line and whole in line.split("=")[1].split(" ")[1] for line in lines)
-    return f"{loops} while loops, {gathers} gathers, {converts} converts of a whole K or V cache"
+    shape = lambda line: line.split("=")[1].split(" ")[1]  # noqa: E731
+    converts = sum(" convert(" in line and whole in shape(line) for line in lines)
+    bitcasts = sum(" bitcast-convert(" in line and whole in shape(line) for line in lines)
+    return (
+        f"{loops} while loops, {gathers} gathers, {converts} converts and {bitcasts} bitcast-converts "
+        "of a whole K or V cache"
+    )
 
 
 def auto_choice(length_k: int, dtype) -> str:
-    """`kernels.choose("auto", ...)` for a decode step over a cache of `length_k` slots."""
+    """What `implementation="auto"` runs for a decode step over a cache of `length_k` slots."""
+    if decoding_step.uses_scan(Options(), 1, length_k):
+        return f"scan_cache (one loop over (example, block) pairs, blocks of {scan.BLOCK} keys)"
     request = kernels.Request.of(
         jax.ShapeDtypeStruct((1, NUM_HEADS, HEAD_DIM), jnp.float32),
         jax.ShapeDtypeStruct((length_k, NUM_HEADS, HEAD_DIM), dtype),
@@ -323,7 +331,7 @@ def build(sizes: Sizes) -> list[Candidate]:
         if dtype == jnp.float32:  # where the time goes: the core alone, in several forms, same arrays
             args = (core_queries(batch), k, v, jnp.full((batch,), length, jnp.int32))
             variants = {
-                "core: blockwise 1x256 (as the step)": blockwise_core(256),
+                "core: blockwise kernel 1x256 (the step before scan_cache)": blockwise_core(256),
                 "core: blockwise 1x2048": blockwise_core(2048),
                 "core: dense einsum over the L slots": dense_core(length, "einsum"),
                 "core: dense block-diagonal GEMMs over the L slots": dense_core(length, "gemm"),

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 
 import mha_jax as mj
+from mha_jax import kernels
 from mha_jax.decoding import KVCache, RoPE, cached_attention, init_cache
+from mha_jax.decoding.scan import scan_cache
+from mha_jax.decoding.step import uses_scan
+from mha_jax.masks import Structure
 from tests.reference import normal
 
 B, T, D, H, HKV, DH = 3, 11, 24, 6, 2, 4
@@ -47,7 +51,7 @@ def steps(implementation, window, options_items):
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
-@pytest.mark.parametrize("implementation", ["reference", "blockwise"])
+@pytest.mark.parametrize("implementation", ["reference", "blockwise", "auto"])
 def test_prefill_then_decode_equals_one_causal_forward(implementation, feature):
     spec = FEATURES[feature]
     params = layer(spec.get("qk_norm", False))
@@ -55,7 +59,10 @@ def test_prefill_then_decode_equals_one_causal_forward(implementation, feature):
     step, full = steps(implementation, spec.get("window"), tuple(sorted(spec.get("options", {}).items())))
     expected = full(params, x)  # [B, T, D]
 
-    cache = init_cache(B, CAPACITY, HKV, DH)
+    # "auto" on CPU with a cache over 512 slots: the decode loop of scan.py, prefill included (T=8)
+    capacity = 600 if implementation == "auto" else CAPACITY
+    assert uses_scan(mj.Options(implementation=implementation), 8, capacity) == (implementation == "auto")
+    cache = init_cache(B, capacity, HKV, DH)
     out, cache = step(params, x[:, :8], cache, lengths=PROMPTS)  # prefill: each its own prompt
     np.testing.assert_array_equal(cache.length, PROMPTS)
     for b in range(B):
@@ -73,6 +80,30 @@ def test_prefill_then_decode_equals_one_causal_forward(implementation, feature):
         for b in np.flatnonzero(active):
             np.testing.assert_allclose(out[b, 0], expected[b, position[b]], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(cache.length, T)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("window", [None, (5, 0)])
+def test_decode_loop_equals_the_reference_across_blocks(window, dtype):
+    """scan_cache with 8-key blocks over 45 slots (the last block overhangs the cache): GQA,
+    soft-capping, ragged fills (one example empty, one full), garbage past the filled slots."""
+    queries, slots, lengths = 3, 45, jnp.array([0, 20, 45])
+    offsets = jnp.maximum(lengths - queries, 0)  # the queries are the last ones appended
+    q = normal(20, (3, queries, H, DH))
+    k = normal(21, (3, slots, HKV, DH)).astype(dtype)
+    v = normal(22, (3, slots, HKV, DH)).astype(dtype)
+    garbage = jnp.arange(slots)[None, :, None, None] >= lengths[:, None, None, None]
+    v = jnp.where(garbage, jnp.nan, v)  # never read: hidden slots hold anything
+    options = mj.Options(softcap=3.0)
+    heads = scan_cache(q, k, v, offsets, lengths, window=window, options=options, block=8)
+    reference = mj.Options(softcap=3.0, implementation="reference")
+    for b in range(3):
+        structure = Structure(is_causal=True, q_offset=offsets[b], kv_length=lengths[b], window=window)
+        k_b, v_b = k[b].astype(jnp.float32), jnp.where(garbage[b], 0, v[b]).astype(jnp.float32)
+        expected, _ = kernels.attend(q[b], k_b, v_b, mask=None, bias=None, structure=structure,
+                                     options=reference, rng=None, return_weights=False)  # fmt: skip
+        np.testing.assert_allclose(heads[b], expected, rtol=1e-5, atol=1e-5)
+    assert not jnp.any(heads[0])  # nothing filled: zeros
 
 
 def test_gradients_through_a_prefill_step():
@@ -117,9 +148,10 @@ def test_explicit_positions_equal_the_default_ones_and_rotate_the_cached_keys():
 
 
 def test_cache_is_updated_in_place_under_donation():
-    """With the cache donated, XLA aliases it to the output: no second cache-sized buffer."""
+    """With the cache donated, XLA aliases it to the output: no second cache-sized buffer.
+    (32768 slots: the decode loop's blocks, 2048 keys, are well under a copy of the cache.)"""
     params = layer()
-    cache = init_cache(2, 4096, HKV, DH)
+    cache = init_cache(2, 32768, HKV, DH)
     x = normal(10, (2, 1, D))
     step = jax.jit(functools.partial(cached_attention, num_heads=H), donate_argnums=(2,))
     compiled = step.lower(params, x, cache).compile()
@@ -133,7 +165,7 @@ def test_cache_is_updated_in_place_under_donation():
 
 def test_a_step_costs_what_the_filled_length_costs():
     """The same step at 512 filled slots compiles to the same temporary memory whatever
-    the capacity: the blockwise kernel reads blocks of the cache, never all of it."""
+    the capacity: the decode loop (scan.py) reads blocks of the cache, never all of it."""
     params = layer()
     x = normal(11, (1, 1, D))
     temp = []

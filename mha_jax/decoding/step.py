@@ -11,9 +11,11 @@ token at a time, gives the outputs of one causal forward over the sequence.
 
 A padded batch of prompts is ragged: `lengths` [B] says how many of the T rows
 of each example are real; only those are appended, and the rows past them get
-zero heads (their output is the output bias). The blockwise kernel ("auto" picks it for a cache longer than
-512 slots) visits only the filled key blocks, so a step costs what the filled
-length costs, whatever the capacity.
+zero heads (their output is the output bias). For a cache over 512 slots,
+"auto" visits only the key blocks some example can see, so a step costs what
+the filled length costs, whatever the capacity: on CPU a step of at most 16
+tokens runs one block loop for the whole batch (`scan.py`, written for the
+memory traffic of decoding), a longer one (a prefill) the blockwise kernel.
 
 Appending past the capacity: eagerly, a ValueError. Under `jax.jit` the tokens
 that do not fit are dropped and `length` stops at the capacity (lengths are
@@ -34,6 +36,7 @@ from mha_jax import _checks, _validate, kernels
 from mha_jax.core import normalize_qk
 from mha_jax.decoding.cache import KVCache, append, check_room, raise_if_full
 from mha_jax.decoding.rope import apply_rope
+from mha_jax.decoding.scan import SCAN_MAX_NEW, scan_cache
 from mha_jax.masks import Structure, normalize_window
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
@@ -124,18 +127,37 @@ def _cached(params, x, cache: KVCache, lengths, positions, *, num_heads, window,
     # The cache holds rotated keys: rotate the new ones here, never again.
     plain = dataclasses.replace(options, rope=None)
 
-    def one(q, k, v, k_cache, v_cache, length, count, positions):
+    def prepare(q, k, v, k_cache, v_cache, length, count, positions):  # one example
         if options.rope is not None:
             q, k = apply_rope(q, positions, options.rope), apply_rope(k, positions, options.rope)
         k_cache, v_cache, filled = append(k_cache, v_cache, length, k, v, count)
+        return q, k_cache, v_cache, filled
+
+    def attend(q, k_cache, v_cache, length, filled):  # one example
         structure = Structure(is_causal=True, q_offset=length, kv_length=filled, window=window)
         heads, _ = kernels.attend(q, k_cache, v_cache, mask=None, bias=None, structure=structure,
                                   options=plain, rng=None, return_weights=False)  # fmt: skip
-        heads = jnp.where((jnp.arange(new) < count)[:, None, None], heads, 0)  # [T, H, Dh]
-        return heads, k_cache, v_cache, filled
+        return heads
 
-    heads, k_cache, v_cache, length = jax.vmap(one)(
+    q, k_cache, v_cache, filled = jax.vmap(prepare)(
         unrows(q), unrows(k), unrows(v), cache.k, cache.v, cache.length, lengths, positions
-    )  # [B, T, H, Dh]
+    )  # q [B, T, H, Dh], caches [B, S, Hkv, Dh], filled [B]
+    if uses_scan(options, new, k_cache.shape[1]):  # one block loop for the batch (scan.py)
+        heads = scan_cache(q, k_cache, v_cache, cache.length, filled, window=window, options=plain)
+    else:
+        heads = jax.vmap(attend)(q, k_cache, v_cache, cache.length, filled)  # [B, T, H, Dh]
+    heads = jnp.where((jnp.arange(new) < lengths[:, None])[..., None, None], heads, 0)  # padding rows
     out = merge_project(heads.reshape(batch * new, *heads.shape[2:]), params.w_o, params.b_o)
-    return out.reshape(batch, new, -1), KVCache(k_cache, v_cache, length)
+    return out.reshape(batch, new, -1), KVCache(k_cache, v_cache, filled)
+
+
+def uses_scan(options: Options, new: int, capacity: int) -> bool:
+    """Whether `implementation="auto"` attends with `scan_cache`: on CPU, a step of at most
+    `SCAN_MAX_NEW` tokens against a cache of more than `BLOCKWISE_MIN_CACHE` slots (below, the
+    reference's one fused pass is as fast). An explicit implementation keeps its kernel."""
+    return (
+        options.implementation == "auto"
+        and jax.default_backend() == "cpu"
+        and new <= SCAN_MAX_NEW
+        and capacity > kernels.BLOCKWISE_MIN_CACHE
+    )

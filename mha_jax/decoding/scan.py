@@ -1,0 +1,118 @@
+"""A few new queries against a long cache: one loop over key blocks, shared by the whole batch.
+
+    heads = scan_cache(q, k_cache, v_cache, q_offset, kv_length, window=window, options=options)
+
+Decoding is bound by reading the cache, so this path is written for the memory traffic:
+
+- The loop runs over the blocks any example can see (from `Structure.keys_seen`, the
+  smallest start to the largest end in the batch), with one scalar block index for the
+  whole batch. Each step slices `[B, C, Hkv, Dh]` out of the cache in its own layout:
+  a plain slice, where a per-example loop under `vmap` became a gather and a re-layout.
+- The keys of a block are one GEMM with the cache's `Hkv·Dh` features as the contraction:
+  `K [B, C, Hkv·Dh] @ Qᵦ [B, Hkv·Dh, H·T]`, where `Qᵦ` is block-diagonal (query head h
+  sits in the rows of its KV head). It multiplies zeros, `Hkv` times the useful FLOPs, but
+  reads K once, contiguously, which is what a decode step is short of. The values are the
+  same GEMM the other way, `Pᵀ [B, H·T, C] @ V [B, C, Hkv·Dh]`; each query head keeps its
+  own KV head's slice at the end.
+- The softmax is online over the blocks, in float32, as in the blockwise kernel: a running
+  max, sum and accumulator per (head, query); a row that sees no key gives zeros.
+
+The numbers agree with the blockwise and reference kernels to float32 rounding
+(tests/test_decoding.py); `cached_attention` uses this path for `implementation="auto"`
+on CPU when a step brings at most `SCAN_MAX_NEW` tokens (docs/bench_decode.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from mha_jax import stages
+from mha_jax.masks import Structure
+from mha_jax.options import Options
+
+SCAN_MAX_NEW = 16  # above this many new tokens, the block-diagonal waste outgrows the gain
+BLOCK = 2048  # keys per step: big enough to amortise the loop, small enough to stay near the cache
+
+
+def scan_cache(
+    q: Array, k_cache: Array, v_cache: Array, q_offset: Array, kv_length: Array, *, window, options: Options,
+    block: int = BLOCK,
+) -> Array:  # fmt: skip
+    """`q [B, T, H, Dh]` at positions `q_offset [B] + t`, caches `[B, S, Hkv, Dh]` filled to
+    `kv_length [B]`, causal, within `window` -> heads `[B, T, H, Dh]` in q's dtype. No bias,
+    mask or dropout."""
+
+    def structure(offset, length):  # one example's rules
+        return Structure(is_causal=True, q_offset=offset, kv_length=length, window=window)
+
+    batch, new, heads, width = q.shape
+    slots, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    block = min(block, slots)
+    scale = options.scale if options.scale is not None else 1.0 / math.sqrt(width)
+
+    # Qᵦ [B, Hkv·Dh, H·T]: query head h in the rows of its KV head g = h // (H / Hkv).
+    owner = jax.nn.one_hot(jnp.arange(heads) // (heads // kv_heads), kv_heads, dtype=jnp.float32)  # [H, Hkv]
+    scaled = q.astype(jnp.float32) * jnp.float32(scale)
+    q_blocks = jnp.einsum("bthd,hg->bgdht", scaled, owner).reshape(batch, kv_heads * width, heads * new)
+
+    # One step per (example, block): the example's keys [C, Hkv·Dh] are one contiguous slice
+    # of the cache (slicing all B examples' blocks at once copies a strided [B, C, ...]: slower).
+    # Every example runs the blocks of the batch's longest range; a block it cannot see is
+    # masked out whole (the cost of a ragged batch).
+    lo, hi = jax.vmap(lambda o, n: structure(o, n).keys_seen(0, new - 1, slots))(q_offset, kv_length)  # [B]
+    first = jnp.min(jnp.where(hi > lo, lo, slots)) // block
+    count = jnp.maximum((jnp.max(hi) + block - 1) // block - first, 0)  # blocks per example
+    rows = jnp.arange(new)
+
+    def step(j, carry):
+        top, total, acc = carry  # [B, H·T], [B, H·T], [B, H·T, Hkv·Dh]
+        b, i = j // count, first + j % count
+        # The last block may overhang the cache: slice inside it and skip the keys already seen.
+        start = jnp.minimum(i * block, slots - block)
+        keys = start + jnp.arange(block)  # [C]
+        k = as_float32(jax.lax.dynamic_slice(k_cache, (b, start, 0, 0), (1, block, kv_heads, width)))
+        v = as_float32(jax.lax.dynamic_slice(v_cache, (b, start, 0, 0), (1, block, kv_heads, width)))
+        k, v = k.reshape(block, kv_heads * width), v.reshape(block, kv_heads * width)  # [C, Hkv·Dh]
+        visible = structure(q_offset[b], kv_length[b]).allows(rows, keys) & (keys >= i * block)  # [T, C]
+        # Hidden slots hold anything (padding, old values): zero their values, as every kernel does.
+        v = jnp.where(visible.any(axis=0)[:, None], v, 0)  # [C, Hkv·Dh]
+        scores = k @ q_blocks[b]  # [C, H·T]
+        if options.softcap is not None:
+            scores = stages.soft_cap(scores[None], options.softcap)[0]  # the stage takes [H, Lq, Lk]
+        seen = jnp.broadcast_to(visible.T[:, None], (block, heads, new)).reshape(scores.shape)
+        scores = jnp.where(seen, scores, -jnp.inf)
+        new_top = jnp.maximum(top[b], scores.max(axis=0))  # [H·T]
+        safe = jnp.where(jnp.isfinite(new_top), new_top, 0)  # no key yet: exp(-inf - 0) = 0
+        weights = jnp.where(seen, jnp.exp(scores - safe), 0)  # [C, H·T]
+        rescale = jnp.exp(top[b] - safe)  # 0 while top is -inf
+        return (
+            top.at[b].set(new_top),
+            total.at[b].set(total[b] * rescale + weights.sum(axis=0)),
+            acc.at[b].set(acc[b] * rescale[:, None] + weights.T @ v),  # [H·T, Hkv·Dh]
+        )
+
+    carry = (
+        jnp.full((batch, heads * new), -jnp.inf, jnp.float32),
+        jnp.zeros((batch, heads * new), jnp.float32),
+        jnp.zeros((batch, heads * new, kv_heads * width), jnp.float32),
+    )
+    _, total, acc = jax.lax.fori_loop(0, batch * count, step, carry)
+    out = jnp.where(total[..., None] > 0, acc / jnp.where(total > 0, total, 1)[..., None], 0)
+    out = out.reshape(batch, heads, new, kv_heads, width)
+    out = jnp.einsum("bhtgd,hg->bthd", out, owner)  # each query head's own KV head
+    return out.astype(q.dtype)
+
+
+def as_float32(block: Array) -> Array:
+    """A block of the cache, widened. bfloat16 is widened through its bits (float32's upper
+    half): given a `convert`, XLA moved it ahead of the slice and out of the loop, and
+    converted the whole cache to float32 on every step. The cache itself stays as it is:
+    any other view of it (a reshape, a bitcast) made XLA copy it on every step."""
+    if block.dtype == jnp.bfloat16:
+        bits = jax.lax.bitcast_convert_type(block, jnp.uint16).astype(jnp.uint32)
+        return jax.lax.bitcast_convert_type(bits << 16, jnp.float32)
+    return block.astype(jnp.float32)
