@@ -106,6 +106,19 @@ def test_decode_loop_equals_the_reference_across_blocks(window, dtype):
     assert not jnp.any(heads[0])  # nothing filled: zeros
 
 
+def test_float64_decode_stays_float64():
+    """ "auto" over a long cache keeps float64 (scan_cache computes in float32, so it stands aside)."""
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), layer())
+        x = normal(8, (B, 6, D)).astype(jnp.float64)
+        cache = init_cache(B, 600, HKV, DH, jnp.float64)
+        _, cache = cached_attention(params, x[:, :5], cache, num_heads=H)
+        out, _ = cached_attention(params, x[:, 5:], cache, num_heads=H)  # one decode step
+        expected = mj.batched_attention(params, x, num_heads=H, is_causal=True, implementation="reference")
+        assert out.dtype == jnp.float64
+        np.testing.assert_allclose(out[:, 0], expected[:, 5], rtol=1e-12, atol=1e-12)
+
+
 def test_gradients_through_a_prefill_step():
     params = layer(qk_norm=True)
     x = normal(7, (B, 9, D))

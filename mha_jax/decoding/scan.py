@@ -111,7 +111,8 @@ def as_float32(block: Array) -> Array:
     """A block of the cache, widened. bfloat16 is widened through its bits (float32's upper
     half): given a `convert`, XLA moved it ahead of the slice and out of the loop, and
     converted the whole cache to float32 on every step. The cache itself stays as it is:
-    any other view of it (a reshape, a bitcast) made XLA copy it on every step."""
+    any other view of it (a reshape, a bitcast) made XLA copy it on every step. (XLA still
+    folds part of this back into whole-cache converts: docs/bench_decode.md.)"""
     if block.dtype == jnp.bfloat16:
         bits = jax.lax.bitcast_convert_type(block, jnp.uint16).astype(jnp.uint32)
         return jax.lax.bitcast_convert_type(bits << 16, jnp.float32)

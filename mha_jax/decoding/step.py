@@ -142,7 +142,7 @@ def _cached(params, x, cache: KVCache, lengths, positions, *, num_heads, window,
     q, k_cache, v_cache, filled = jax.vmap(prepare)(
         unrows(q), unrows(k), unrows(v), cache.k, cache.v, cache.length, lengths, positions
     )  # q [B, T, H, Dh], caches [B, S, Hkv, Dh], filled [B]
-    if uses_scan(options, new, k_cache.shape[1]):  # one block loop for the batch (scan.py)
+    if uses_scan(options, new, k_cache.shape[1], jnp.result_type(q, k_cache)):  # one loop for the batch
         heads = scan_cache(q, k_cache, v_cache, cache.length, filled, window=window, options=plain)
     else:
         heads = jax.vmap(attend)(q, k_cache, v_cache, cache.length, filled)  # [B, T, H, Dh]
@@ -151,13 +151,16 @@ def _cached(params, x, cache: KVCache, lengths, positions, *, num_heads, window,
     return out.reshape(batch, new, -1), KVCache(k_cache, v_cache, filled)
 
 
-def uses_scan(options: Options, new: int, capacity: int) -> bool:
+def uses_scan(options: Options, new: int, capacity: int, dtype: DTypeLike = jnp.float32) -> bool:
     """Whether `implementation="auto"` attends with `scan_cache`: on CPU, a step of at most
     `SCAN_MAX_NEW` tokens against a cache of more than `BLOCKWISE_MIN_CACHE` slots (below, the
-    reference's one fused pass is as fast). An explicit implementation keeps its kernel."""
+    reference's one fused pass is as fast), computing in float32 or narrower (scan_cache
+    computes in float32; float64 stays with the kernels that keep it). An explicit
+    implementation keeps its kernel."""
     return (
         options.implementation == "auto"
         and jax.default_backend() == "cpu"
         and new <= SCAN_MAX_NEW
         and capacity > kernels.BLOCKWISE_MIN_CACHE
+        and jnp.dtype(dtype).itemsize <= 4
     )
