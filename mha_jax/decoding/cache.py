@@ -48,20 +48,9 @@ def append(k_cache: Array, v_cache: Array, length: Array, k_new: Array, v_new: A
     capacity, new = k_cache.shape[0], k_new.shape[0]
     rows = jnp.arange(new, dtype=jnp.int32)
     slots = jnp.where(rows < count, length + rows, capacity)  # `capacity`: out of range, dropped
-    k_cache, v_cache = _write(k_cache, slots, k_new), _write(v_cache, slots, v_new)
+    k_cache = k_cache.at[slots].set(k_new.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[slots].set(v_new.astype(v_cache.dtype), mode="drop")
     return k_cache, v_cache, jnp.minimum(length + count, capacity)
-
-
-def _write(cache: Array, slots: Array, new: Array) -> Array:
-    """`cache.at[slots].set(new, mode="drop")`, bit for bit. XLA's CPU scatter has no 16-bit
-    float form: it converted a whole bfloat16 cache to float32 and back on every step, so
-    16-bit caches are written as their bits (uint16), which it scatters in place."""
-    new = new.astype(cache.dtype)
-    if cache.dtype.itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
-        return cache.at[slots].set(new, mode="drop")
-    bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)  # noqa: E731
-    written = bits(cache).at[slots].set(bits(new), mode="drop")
-    return jax.lax.bitcast_convert_type(written, cache.dtype)
 
 
 def check_room(cache: KVCache, counts) -> None:

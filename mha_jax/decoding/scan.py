@@ -74,8 +74,10 @@ def scan_cache(
         # The last block may overhang the cache: slice inside it and skip the keys already seen.
         start = jnp.minimum(i * block, slots - block)
         keys = start + jnp.arange(block)  # [C]
-        k = as_float32(jax.lax.dynamic_slice(k_cache, (b, start, 0, 0), (1, block, kv_heads, width)))
-        v = as_float32(jax.lax.dynamic_slice(v_cache, (b, start, 0, 0), (1, block, kv_heads, width)))
+        # (a bfloat16 cache: XLA:CPU widens the operand of a dynamic slice to float32, and
+        # hoists that out of the loop: the whole cache, every step; see docs/bench_decode.md)
+        k = jax.lax.dynamic_slice(k_cache, (b, start, 0, 0), (1, block, kv_heads, width)).astype(jnp.float32)
+        v = jax.lax.dynamic_slice(v_cache, (b, start, 0, 0), (1, block, kv_heads, width)).astype(jnp.float32)
         k, v = k.reshape(block, kv_heads * width), v.reshape(block, kv_heads * width)  # [C, Hkv·Dh]
         visible = structure(q_offset[b], kv_length[b]).allows(rows, keys) & (keys >= i * block)  # [T, C]
         # Hidden slots hold anything (padding, old values): zero their values, as every kernel does.
@@ -105,15 +107,3 @@ def scan_cache(
     out = out.reshape(batch, heads, new, kv_heads, width)
     out = jnp.einsum("bhtgd,hg->bthd", out, owner)  # each query head's own KV head
     return out.astype(q.dtype)
-
-
-def as_float32(block: Array) -> Array:
-    """A block of the cache, widened. bfloat16 is widened through its bits (float32's upper
-    half): given a `convert`, XLA moved it ahead of the slice and out of the loop, and
-    converted the whole cache to float32 on every step. The cache itself stays as it is:
-    any other view of it (a reshape, a bitcast) made XLA copy it on every step. (XLA still
-    folds part of this back into whole-cache converts: docs/bench_decode.md.)"""
-    if block.dtype == jnp.bfloat16:
-        bits = jax.lax.bitcast_convert_type(block, jnp.uint16).astype(jnp.uint32)
-        return jax.lax.bitcast_convert_type(bits << 16, jnp.float32)
-    return block.astype(jnp.float32)
