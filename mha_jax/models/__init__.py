@@ -1,7 +1,11 @@
 """Real models built on mha_jax's public attention; the core library never imports this package.
 
-    bert   the BERT encoder of sentence-transformers' all-MiniLM-L6-v2 (Flax NNX), its HF weights,
-           its tokenizer and sentence embeddings (needs `mha_jax[models]`: safetensors, tokenizers)
+    bert      the BERT encoder of sentence-transformers' all-MiniLM-L6-v2, its HF weights,
+              its tokenizer and sentence embeddings
+    llama     the Llama decoder of SmolLM2-135M-Instruct, from its GGUF; tokenizer, chat template
+    gemma     Gemma 3 270M, from its GGUF: QK-norm, sliding-window local layers, two RoPE bases
+    sampling  the generation loop (prefill, then one cached step per token) the decoders share
+    weights   named weights in and out of a model's NNX state, as device arrays
 
 Each model is one file that reads top to bottom: config, layers, forward, weights.
 """

@@ -35,7 +35,8 @@ import tokenizers
 from flax import nnx
 
 from mha_jax import _checks
-from mha_jax.interop import checkpoint_path, export_params, files, import_params, unflatten
+from mha_jax.interop import checkpoint_path, export_params, files, import_params
+from mha_jax.models import weights
 from mha_jax.nnx import MultiHeadAttention
 
 # config.json's "hidden_act" -> gelu's `approximate`: HF's "gelu" is the exact (erf) one.
@@ -228,8 +229,7 @@ def weight_table(config: BertConfig) -> dict[str, tuple[str, Callable]]:
 def from_state_dict(tensors: Mapping[str, np.ndarray], config: BertConfig) -> Bert:
     """The model holding HF BertModel's `tensors` (NumPy arrays), cast to float32."""
     model = nnx.eval_shape(lambda: Bert(config, rngs=nnx.Rngs(0)))  # shapes only: nothing is drawn
-    state = nnx.state(model, nnx.Param)
-    shapes = {name: param.shape for name, param in flat_params(state).items()}
+    shapes = weights.param_shapes(model)
     ours = {}
     for name, (our_name, transform) in weight_table(config).items():
         if name not in tensors:
@@ -248,17 +248,14 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], config: BertConfig) -> Be
                 if v is not None  # BERT has no QK-norm scales
             }
         )
-    # On the device once: NumPy leaves would be copied in again on every jitted call.
-    nnx.replace_by_pure_dict(state, unflatten(jax.tree.map(jnp.asarray, ours)))
-    nnx.update(model, state)
-    return model
+    return weights.load_params(model, ours)
 
 
 def to_state_dict(model: Bert) -> dict[str, np.ndarray]:
     """The model's weights under HF BertModel's names: `from_state_dict`'s inverse (no pooler)."""
-    params = flat_params(nnx.state(model, nnx.Param))
+    params = weights.params_as_numpy(model)
     tensors = {
-        name: np.ascontiguousarray(transform(np.asarray(params[our_name][...])))
+        name: np.ascontiguousarray(transform(params[our_name]))
         for name, (our_name, transform) in weight_table(model.config).items()
     }
     for i, block in enumerate(model.blocks):
@@ -267,11 +264,6 @@ def to_state_dict(model: Bert) -> dict[str, np.ndarray]:
             export_params("bert", block.attention.params, num_heads=model.config.num_heads, prefix=prefix)
         )
     return tensors
-
-
-def flat_params(state: nnx.State) -> dict[str, nnx.Param]:
-    """{"blocks.0.ff_in.kernel": the Param, ...}: the state's names, dotted as in the tables."""
-    return {".".join(map(str, path)): param for path, param in nnx.to_flat_state(state)}
 
 
 def from_safetensors(path: str | os.PathLike) -> Bert:

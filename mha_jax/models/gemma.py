@@ -46,8 +46,8 @@ from flax import nnx
 
 from mha_jax import _checks
 from mha_jax.decoding import KVCache, RoPE, init_cache, rms_norm
-from mha_jax.interop import checkpoint_path, export_params, gguf, import_params, unflatten
-from mha_jax.models import sampling
+from mha_jax.interop import checkpoint_path, export_params, gguf, import_params
+from mha_jax.models import sampling, weights
 from mha_jax.nnx import MultiHeadAttention
 from mha_jax.options import Options
 
@@ -366,8 +366,7 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], config: GemmaConfig) -> G
     """The model holding HF Gemma3ForCausalLM's `tensors` (NumPy), as float32. `lm_head.weight`,
     when present, is the embedding (tied) and is not read."""
     model = nnx.eval_shape(lambda: Gemma(config, rngs=nnx.Rngs(0)))  # shapes only: nothing is drawn
-    state = nnx.state(model, nnx.Param)
-    shapes = {name: param.shape for name, param in flat_params(state).items()}
+    shapes = weights.param_shapes(model)
     ours = {}
     for name, (our_name, to_ours, to_hf) in weight_table(config).items():
         if name not in tensors:
@@ -382,17 +381,14 @@ def from_state_dict(tensors: Mapping[str, np.ndarray], config: GemmaConfig) -> G
         )  # fmt: skip
         for name in ("w_q", "w_k", "w_v", "w_o"):  # no biases; q_norm, k_norm came from BLOCK
             ours[f"blocks.{i}.attention.{name}"] = np.asarray(getattr(params, name), np.float32)
-    # On the device once: NumPy leaves would be copied in again on every jitted call (1 GB).
-    nnx.replace_by_pure_dict(state, unflatten(jax.tree.map(jnp.asarray, ours)))
-    nnx.update(model, state)
-    return model
+    return weights.load_params(model, ours)
 
 
 def to_state_dict(model: Gemma) -> dict[str, np.ndarray]:
     """The model's weights under HF's names (no `lm_head.weight`: tied): `from_state_dict`'s inverse."""
-    params = flat_params(nnx.state(model, nnx.Param))
+    params = weights.params_as_numpy(model)
     tensors = {
-        name: np.ascontiguousarray(to_hf(np.asarray(params[our_name][...])))
+        name: np.ascontiguousarray(to_hf(params[our_name]))
         for name, (our_name, _, to_hf) in weight_table(model.config).items()
     }
     for i, block in enumerate(model.blocks):
@@ -403,11 +399,6 @@ def to_state_dict(model: Gemma) -> dict[str, np.ndarray]:
             )
         )
     return tensors
-
-
-def flat_params(state: nnx.State) -> dict[str, nnx.Param]:
-    """{"blocks.0.gate.kernel": the Param, ...}: the state's names, dotted as in the tables."""
-    return {".".join(map(str, path)): param for path, param in nnx.to_flat_state(state)}
 
 
 def from_gguf(path: str | os.PathLike) -> tuple[Gemma, tokenizers.Tokenizer]:

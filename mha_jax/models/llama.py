@@ -43,8 +43,8 @@ from flax import nnx
 
 from mha_jax import _checks
 from mha_jax.decoding import KVCache, RoPE, init_cache, rms_norm
-from mha_jax.interop import checkpoint_path, gguf, unflatten
-from mha_jax.models import sampling
+from mha_jax.interop import checkpoint_path, gguf
+from mha_jax.models import sampling, weights
 from mha_jax.nnx import MultiHeadAttention
 from mha_jax.options import Options
 
@@ -297,32 +297,24 @@ def from_tensors(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> Llam
     if missing:
         raise _checks.fail("tensors", f"contain {missing[0]!r} (GGUF names)", f"{len(tensors)} without it")
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))  # shapes only: nothing drawn
-    state = nnx.state(model, nnx.Param)
-    shapes = {name: param.shape for name, param in flat_params(state).items()}
+    shapes = weights.param_shapes(model)
     tensors = rope_order(dict(tensors), config, gguf.unpermute)
     ours = {}
     for name, (our_name, transform) in table.items():
         stored_shape = transform(np.broadcast_to(np.float32(0), shapes[our_name])).shape
         _checks.check_shape(name, tensors[name], stored_shape, our_name)
-        ours[our_name] = jnp.asarray(transform(np.asarray(tensors[name], np.float32)))  # on the device
-    nnx.replace_by_pure_dict(state, unflatten(ours))
-    nnx.update(model, state)
-    return model
+        ours[our_name] = transform(np.asarray(tensors[name], np.float32))
+    return weights.load_params(model, ours)
 
 
 def to_tensors(model: Llama) -> dict[str, np.ndarray]:
     """The model's weights under GGUF's names, Q and K in the file's order: `from_tensors`' inverse."""
-    params = flat_params(nnx.state(model, nnx.Param))
+    params = weights.params_as_numpy(model)
     tensors = {
-        name: np.ascontiguousarray(transform(np.asarray(params[our_name][...])))
+        name: np.ascontiguousarray(transform(params[our_name]))
         for name, (our_name, transform) in weight_table(model.config).items()
     }
     return rope_order(tensors, model.config, gguf.permute)
-
-
-def flat_params(state: nnx.State) -> dict[str, nnx.Param]:
-    """{"blocks.0.mlp.gate.kernel": the Param, ...}: the state's names, dotted as in the tables."""
-    return {".".join(map(str, path)): param for path, param in nnx.to_flat_state(state)}
 
 
 def from_gguf(path: str | os.PathLike | None = None, *, rope_layout: str = "half") -> Llama:
