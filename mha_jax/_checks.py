@@ -85,6 +85,16 @@ def check_integer(name: str, x) -> None:
         raise TypeError(f"{name} must have an integer dtype; got {dtype}")
 
 
+def check_range(name: str, x, lo: int, hi: int, expectation: str) -> None:
+    """Eagerly, every element of the integer array `x` in `[lo, hi]`. A traced `x` has no
+    values to check: the caller clamps it (and says so in its docstring)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    bad = [value for value in np.asarray(jax.device_get(x)).ravel().tolist() if not lo <= value <= hi]
+    if bad:
+        raise fail(name, expectation, f"{bad[:8]}" + (" ..." if len(bad) > 8 else ""))
+
+
 def check_divides(name: str, value: int, divisor_name: str, divisor: int) -> None:
     if divisor <= 0 or value % divisor:
         raise fail(name, f"be divisible by {divisor_name}={divisor}", value)
@@ -115,3 +125,57 @@ def check_block_sizes(block_sizes) -> None:
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     if value not in choices:
         raise fail(name, f"be one of {list(choices)}", repr(value))
+
+
+def check_length(name: str, value) -> None:
+    """A sequence length: a Python (or NumPy) int, zero allowed."""
+    if not is_int(value) or value < 0:
+        raise fail(name, "be a non-negative integer", repr(value))
+
+
+def check_finite_real(name: str, value, *, positive: bool = False) -> None:
+    """A static real setting (a scale, a cap): a finite Python or NumPy number, not a bool."""
+    real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+    if not (real and np.isfinite(value) and (value > 0 or not positive)):
+        raise fail(name, f"be a {'positive ' if positive else ''}finite real number", repr(value))
+
+
+def check_heads(q, k, v=None) -> None:
+    """One example's heads: `q [Lq, H, Dh]`, `k` (and `v`) `[Lk, Hkv, Dh]`, floating, H a
+    multiple of Hkv (query head h reads kv head h // G)."""
+    check_rank("q", q, 3, "[Lq, H, Dh]")
+    check_rank("k", k, 3, "[Lk, Hkv, Dh]")
+    check_floating("q", q)
+    check_floating("k", k)
+    length_k, num_kv_heads = jnp.shape(k)[:2]
+    if jnp.shape(k)[2] != jnp.shape(q)[2]:
+        raise fail(
+            "q and k",
+            "have the same head width Dh",
+            f"shapes {tuple(jnp.shape(q))} and {tuple(jnp.shape(k))}",
+        )
+    check_kv_heads("k", k, jnp.shape(q)[1])
+    if v is not None:
+        check_floating("v", v)
+        check_shape("v", v, (length_k, num_kv_heads, None), "[Lk, Hkv, *] (Lk and Hkv of k)")
+
+
+def check_kv_heads(name: str, x, num_heads: int) -> None:
+    """`x [Lk, Hkv, Dh]`: its Hkv heads divide the H query heads (head h reads h // G)."""
+    num_kv_heads = jnp.shape(x)[1]
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise fail(name, f"have Hkv heads dividing H={num_heads}", f"shape {tuple(jnp.shape(x))}")
+
+
+def check_mask_and_bias(mask, bias, num_heads: int, length_q: int, length_k: int) -> None:
+    """One example's `mask` (bool) and `bias` (floating), `[Lq, Lk]` or `[H or 1, Lq, Lk]`."""
+    shapes = [("[Lq, Lk]", (length_q, length_k)), ("[H, Lq, Lk]", (num_heads, length_q, length_k)),
+              ("[1, Lq, Lk]", (1, length_q, length_k))]  # fmt: skip
+    if mask is not None:
+        check_bool("mask", mask)
+        check_one_of_shapes("mask", mask, shapes)
+    if bias is not None:
+        check_floating("bias", bias)
+        check_one_of_shapes("bias", bias, shapes)

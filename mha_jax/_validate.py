@@ -51,7 +51,14 @@ def settle_structure(structure: Structure | None, **keywords) -> Structure:
     if not isinstance(structure, Structure):
         raise TypeError(f"structure must be an mha_jax.Structure; got {type(structure).__name__}")
     _checks.check_bool_flag("is_causal", structure.is_causal)
-    return structure._replace(window=normalize_window(structure.window))
+    # Positions given as lists or NumPy become arrays; a Python int q_offset stays static.
+    q_offset = structure.q_offset
+    if not _checks.is_int(q_offset):
+        q_offset = _checks.as_array("q_offset", q_offset)
+    kv_length = None if structure.kv_length is None else _checks.as_array("kv_length", structure.kv_length)
+    return structure._replace(
+        q_offset=q_offset, kv_length=kv_length, window=normalize_window(structure.window)
+    )
 
 
 def effective(options: Options, deterministic) -> Options:
@@ -78,6 +85,21 @@ def _given(value, default) -> bool:
     return value is not default and not (plain and value == default)
 
 
+def check_params_type(params) -> None:
+    if not isinstance(params, MHAParams):
+        raise TypeError(
+            f"params must be an mha_jax.MHAParams (e.g. MHAParams(**weights) for a "
+            f"dict); got {type(params).__name__}"
+        )
+
+
+def as_params(params) -> MHAParams:
+    """The parameters with every array given as something `jnp.asarray` takes (NumPy, lists)."""
+    check_params_type(params)
+    return MHAParams(*(None if p is None else _checks.as_array(f"params.{name}", p)
+                       for name, p in zip(MHAParams._fields, params, strict=True)))  # fmt: skip
+
+
 def check_call(
     params,
     x_q,
@@ -94,11 +116,7 @@ def check_call(
 ) -> Sizes:
     """Validate one example (`batch=None`) or a batch of `B` examples."""
     lead = "[B, " if batch is not None else "["
-    if not isinstance(params, MHAParams):
-        raise TypeError(
-            f"params must be an mha_jax.MHAParams (e.g. MHAParams(**weights) for a "
-            f"dict); got {type(params).__name__}"
-        )
+    check_params_type(params)
     _checks.check_bool_flag("return_weights", return_weights)
     _checks.check_positive("num_heads", num_heads)
     rank = 2 if batch is None else 3

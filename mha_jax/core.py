@@ -126,6 +126,7 @@ def attention(
         dtype=dtype,
         implementation=implementation,
     )
+    params = _validate.as_params(params)
     x_q = _checks.as_array("x_q", x_q)
     x_kv = x_q if x_kv is None else _checks.as_array("x_kv", x_kv)
     mask = None if mask is None else _checks.as_array("mask", mask)
@@ -404,7 +405,7 @@ def batched(
     static = isinstance(structure.q_offset, int)
     rules = structure._replace(q_offset=structure.q_offset if static else 0, kv_length=None)
     return _batched(
-        params,
+        _validate.as_params(params),
         *arrays,
         None if static else structure.q_offset,
         structure.kv_length,

@@ -114,11 +114,6 @@ class MultiHeadAttention(nn.Module):
             for name, value in zip(("cached_key", "cached_value", "cache_length"), new_cache, strict=True):
                 self.put_variable("cache", name, value)
             return out
-        if decode:  # initializing: make the cache, with room for this input's length
-            empty = init_cache(x_q.shape[0], x_q.shape[1], sizes["num_kv_heads"], sizes["head_dim"],
-                               settings.dtype or jnp.float32)  # fmt: skip
-            for name, value in zip(("cached_key", "cached_value", "cache_length"), empty, strict=True):
-                self.put_variable("cache", name, value)
         structure = settle_structure(
             structure, is_causal=is_causal, q_offset=q_offset, kv_length=kv_length, window=window
         )
@@ -128,6 +123,11 @@ class MultiHeadAttention(nn.Module):
             draw_rng=lambda: self.make_rng("dropout") if dropout_rng is None else dropout_rng,
             return_weights=return_weights,
         )  # fmt: skip
+        if decode:  # initializing: make the cache in the computation's dtype, with room for x_q
+            empty = init_cache(x_q.shape[0], x_q.shape[1], sizes["num_kv_heads"], sizes["head_dim"],
+                               settings.dtype or out.dtype)  # fmt: skip
+            for name, value in zip(("cached_key", "cached_value", "cache_length"), empty, strict=True):
+                self.put_variable("cache", name, value)
         if self.sow_weights:
             self.sow("intermediates", "attention_weights", weights)
         return (out, weights) if return_weights else out

@@ -104,8 +104,11 @@ class MultiHeadAttention(nnx.Module):
             if getattr(params, name) is not None:
                 getattr(self, name)[...] = jnp.asarray(getattr(params, name), getattr(self, name)[...].dtype)
 
-    def init_cache(self, batch: int, capacity: int, dtype=jnp.float32) -> None:
-        """Make (or reset) the decoding cache: `capacity` slots for `batch` examples."""
+    def init_cache(self, batch: int, capacity: int, dtype=None) -> None:
+        """Make (or reset) the decoding cache: `capacity` slots for `batch` examples, in `dtype`
+        (default: the computation's, `options.dtype`, else the parameters' dtype)."""
+        if dtype is None:
+            dtype = self.options.dtype or self.w_q[...].dtype
         cache = init_cache(batch, capacity, self.num_kv_heads, self.head_dim, dtype)
         self.cached_key, self.cached_value = nnx.Cache(cache.k), nnx.Cache(cache.v)
         self.cache_length = nnx.Cache(cache.length)

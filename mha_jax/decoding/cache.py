@@ -30,10 +30,17 @@ class KVCache(NamedTuple):
 
 
 def init_cache(batch: int, capacity: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache: zeros, and no slot filled."""
+    """An empty cache: zeros, and no slot filled. `dtype` is what the keys and values are
+    stored in: floating (a narrower one than the computation's stores them rounded)."""
     for name, value in (("batch", batch), ("capacity", capacity), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim)):  # fmt: skip
         _checks.check_positive(name, value)
+    try:
+        floating = jnp.issubdtype(dtype, jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise TypeError(f"dtype must be a floating dtype (the cache stores keys and values); got {dtype!r}")
     shape = (batch, capacity, num_kv_heads, head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 

@@ -17,10 +17,23 @@ the filled length costs, whatever the capacity: on CPU a step of at most 16
 tokens runs one block loop for the whole batch (`scan.py`, written for the
 memory traffic of decoding), a longer one (a prefill) the blockwise kernel.
 
-Appending past the capacity: eagerly, a ValueError. Under `jax.jit` the tokens
-that do not fit are dropped and `length` stops at the capacity (lengths are
-traced, so no error can be raised there for free); `check_capacity=True` adds
-a host callback that raises the same error at run time.
+What a step trusts, and what it does with values it cannot check:
+
+- Eagerly (concrete values) every input is checked: `lengths` in `[0, T]`,
+  `cache.length` in `[0, S]`, room for the new tokens; a ValueError names the
+  argument. The cache holds keys and values of a floating dtype (a narrower
+  one than the computation, such as bfloat16, stores them rounded).
+- Under `jax.jit` the values are traced and cannot raise for free: `lengths`
+  is clamped to `[0, T]` and `cache.length` to `[0, S]`, the tokens that do not
+  fit are dropped and `length` stops at the capacity, so a step only ever
+  writes slots `[length, length + count)` of its own example.
+  `check_capacity=True` adds a host callback that raises the capacity error at
+  run time; JAX reports it as a `jax.errors.JaxRuntimeError` (a RuntimeError)
+  whose message holds ours, when the result is awaited (and logs the callback's
+  traceback).
+- The cache's unfilled slots, and the slots a window hides, may hold anything
+  (a reused buffer, a recycled page): no NaN there reaches an output.
+- A step of T = 0 tokens returns `[B, 0, D_out]` and the cache unchanged.
 """
 
 from __future__ import annotations
@@ -71,30 +84,47 @@ def cached_attention(
         scale=scale, dropout_rate=0.0, dtype=dtype, implementation=implementation,
     )  # fmt: skip
     window = normalize_window(window)
+    params = _validate.as_params(params)
     x = _checks.as_array("x", x)
+    _checks.check_rank("x", x, 3, "[B, T, D]")
+    _checks.check_floating("x", x)
     _checks.check_bool_flag("check_capacity", check_capacity)
     sizes = _validate.check_call(params, x, x, num_heads=num_heads, mask=None, bias=None,
                                  structure=structure, options=options, rng=None, return_weights=False,
-                                 batch=x.shape[0] if jnp.ndim(x) == 3 else 0)  # fmt: skip
+                                 batch=x.shape[0])  # fmt: skip
     batch, new = x.shape[:2]
-    check_cache(cache, batch, sizes)
-    lengths = jnp.full((batch,), new, jnp.int32) if lengths is None else _checks.as_array("lengths", lengths)
+    cache = check_cache(cache, batch, sizes)
+    if lengths is None:
+        lengths = jnp.full((batch,), new, jnp.int32)
+    lengths = _checks.as_array("lengths", lengths)
     _checks.check_integer("lengths", lengths)
     _checks.check_shape("lengths", lengths, (batch,), "[B]")
+    _checks.check_range("lengths", lengths, 0, new, f"lie in [0, T={new}] (new rows to keep)")
     if positions is not None:
         positions = _checks.as_array("positions", positions)
         _checks.check_integer("positions", positions)
         _checks.check_shape("positions", positions, (batch, new), "[B, T]")
+    # Traced values cannot be checked: clamped, a step writes inside its own example's range.
+    lengths = jnp.clip(lengths, 0, new).astype(jnp.int32)
+    cache = cache._replace(length=jnp.clip(cache.length, 0, cache.capacity).astype(jnp.int32))
     check_room(cache, lengths)
     if check_capacity:
         jax.debug.callback(raise_if_full, cache.length + lengths, cache.capacity, ordered=True)
+    if new == 0:  # nothing to append or attend
+        out_dtype = x.dtype if options.dtype is None else options.dtype
+        return jnp.zeros((batch, 0, params.w_o.shape[1]), out_dtype), cache
     return _cached(params, x, cache, lengths, positions, num_heads=num_heads, window=window,
                    options=options)  # fmt: skip
 
 
-def check_cache(cache: KVCache, batch: int, sizes: _validate.Sizes) -> None:
+def check_cache(cache: KVCache, batch: int, sizes: _validate.Sizes) -> KVCache:
+    """The cache, its fields as arrays (NumPy is welcome), checked against the call; eagerly,
+    its lengths too."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be an mha_jax.decoding.KVCache; got {type(cache).__name__}")
+    cache = KVCache(
+        *(_checks.as_array(f"cache.{name}", a) for name, a in zip(KVCache._fields, cache, strict=True))
+    )
     legend = f"[B, S, Hkv, Dh]=({batch}, *, {sizes.num_kv_heads}, {sizes.head_dim}) (Hkv and Dh of params)"
     for name in ("k", "v"):
         array = getattr(cache, name)
@@ -102,13 +132,18 @@ def check_cache(cache: KVCache, batch: int, sizes: _validate.Sizes) -> None:
             batch, sizes.num_kv_heads, sizes.head_dim)  # fmt: skip
         if not ok:
             raise _checks.fail(f"cache.{name}", f"have shape {legend}", f"shape {tuple(jnp.shape(array))}")
+        # An integer cache would truncate every key written to it: never what was meant.
+        _checks.check_floating(f"cache.{name}", array)
     _checks.check_shape("cache.v", cache.v, cache.k.shape, "cache.k's shape")
     _checks.check_integer("cache.length", cache.length)
     _checks.check_shape("cache.length", cache.length, (batch,), "[B]")
+    _checks.check_range("cache.length", cache.length, 0, cache.capacity,
+                        f"lie in [0, S={cache.capacity}] (filled slots)")  # fmt: skip
+    return cache
 
 
 def _cached(params, x, cache: KVCache, lengths, positions, *, num_heads, window, options: Options):
-    """The data path, unchecked."""
+    """The data path, unchecked: `lengths` in [0, T] and `cache.length` in [0, S], int32."""
     dtype = x.dtype if options.dtype is None else options.dtype
     params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
     batch, new, _ = x.shape

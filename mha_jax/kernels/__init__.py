@@ -17,6 +17,13 @@ Each kernel is one entry: what it `cannot` do for a `Request` and how it
 option is an error naming what it cannot do, never a silent fallback that
 would change the numbers; every kernel returns zeros for a row with no
 visible key, like the reference.
+
+Keys that the structure hides from every query (the unfilled slots of a KV
+cache, slots outside every window) may hold anything, NaN included: `attend`
+zeroes them before a kernel reads them, except for a kernel that zeroes the
+keys of the blocks it reads itself (`zeroes_unseen_keys`: blockwise, which
+never reads the blocks no query sees). Weights of zero cannot stop
+`0 · NaN = NaN` in `weights · v` or in the gradients.
 """
 
 from __future__ import annotations
@@ -37,13 +44,14 @@ class Kernel(NamedTuple):
     name: str
     cannot: Callable[[Request], list[str]]  # [] when it computes the call as the reference would
     run: Callable  # (q, k, v, *, mask, bias, structure, options, rng) -> (heads, weights or None)
+    zeroes_unseen_keys: bool = False  # True: it zeroes the hidden keys of the blocks it reads
 
 
 KERNELS = {
     kernel.name: kernel
     for kernel in (
         Kernel("reference", reference.cannot, reference.run),
-        Kernel("blockwise", blockwise.cannot, blockwise.run),
+        Kernel("blockwise", blockwise.cannot, blockwise.run, zeroes_unseen_keys=True),
         Kernel("xla", jax_nn.xla_cannot, jax_nn.xla_run),
         Kernel("cudnn", jax_nn.cudnn_cannot, jax_nn.cudnn_run),
         Kernel("pallas", pallas.cannot, pallas.run),
@@ -107,8 +115,19 @@ def attend(
     if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
         weights = jnp.zeros((q.shape[1], length_q, length_k), v.dtype) if return_weights else None
         return jnp.zeros_like(q), weights
+    if not kernel.zeroes_unseen_keys:
+        k, v = zero_unseen_keys(k, v, structure, length_q)
     heads, weights = kernel.run(q, k, v, mask=mask, bias=bias, structure=structure, options=options, rng=rng)
     return heads, weights if return_weights else None
+
+
+def zero_unseen_keys(k: Array, v: Array, structure: Structure, length_q: int) -> tuple[Array, Array]:
+    """`[Lk, Hkv, Dh]` keys and values with the ones no query may see (by the structure) zeroed.
+    O(Lk) to decide; a no-op for a structure that hides nothing."""
+    if structure.is_trivial:
+        return k, v
+    seen = structure.key_seen_by_any(length_q, k.shape[0])[:, None, None]  # [Lk, 1, 1]
+    return jnp.where(seen, k, 0), jnp.where(seen, v, 0)
 
 
 __all__ = ["BLOCKWISE_MIN_PAIRS", "KERNELS", "Kernel", "Request", "attend", "choose"]

@@ -76,7 +76,18 @@ def blockwise_attention(
     block_sizes: tuple[int, int] | None = None,
 ) -> Array:  # [Lq, H, Dh]
     """Same result as the reference kernel, without materialising the scores."""
+    q, k, v = (_checks.as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
+    _checks.check_heads(q, k, v)
+    mask, bias = (
+        None if x is None else _checks.as_array(name, x) for name, x in (("mask", mask), ("bias", bias))
+    )
+    _checks.check_mask_and_bias(mask, bias, q.shape[1], q.shape[0], k.shape[0])
     structure = Structure() if structure is None else structure
+    _check_structure(structure)
+    if scale is not None:
+        _checks.check_finite_real("scale", scale)
+    if softcap is not None:
+        _checks.check_finite_real("softcap", softcap, positive=True)
     length_q, length_k = q.shape[0], k.shape[0]
     if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
         return jnp.zeros_like(q)
@@ -86,6 +97,17 @@ def blockwise_attention(
     if bias is not None:
         bias = jnp.broadcast_to(bias, (bias.shape[0] if bias.ndim == 3 else 1, length_q, length_k))
     return _flash(q, k, v, mask, bias, q_offset, kv_length, config)
+
+
+def _check_structure(structure) -> None:
+    """The rules of a direct call: a Structure with integer scalar positions."""
+    if not isinstance(structure, Structure):
+        raise TypeError(f"structure must be an mha_jax.Structure; got {type(structure).__name__}")
+    for name in ("q_offset", "kv_length"):
+        value = getattr(structure, name)
+        if value is not None:
+            _checks.check_integer(f"structure.{name}", value)
+            _checks.check_shape(f"structure.{name}", value, (), "[] (a scalar, for one example)")
 
 
 def _setup(q, k, structure: Structure, scale, softcap, block_sizes):
@@ -228,6 +250,13 @@ def _block_mask(i, j, mask, structure: Structure, config: Config, k_start=None):
     return allowed if block is None else allowed & block
 
 
+def _zero_unseen(visible, k_blk, v_blk):
+    """Keys of a block that no row of it may see hold anything (a cache's unfilled slots):
+    zero them, or `0 · NaN` reaches the output and the gradients. `visible` [H or 1, Bq, Bk]."""
+    seen = visible.any(axis=(0, 1))[None, :, None]  # [1, Bk, 1]
+    return jnp.where(seen, k_blk, 0), jnp.where(seen, v_blk, 0)
+
+
 def _accumulator(dtype) -> jnp.dtype:
     """float32 for bf16/f16/f32, float64 for float64: scores, softmax and sums."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -300,11 +329,13 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
         def step(j, carry, masked):
             m, row_sum, acc = carry  # [H, Bq], [H, Bq], [Hkv, G, Bq, Dh]
             k_blk, v_blk, start = kv(j)
-            s = _plus(_scores(q_blk, k_blk, post_scale, config.softcap), _slice_block(bias, i, j, config))
-            if masked:  # hidden entries become -inf: exp gives exactly 0
-                visible = _block_mask(i, j, mask, structure, config, start)
+            if masked:
+                visible = _block_mask(i, j, mask, structure, config, start)  # [H or 1, Bq, Bk]
                 if in_place:  # a last block moved back: its first keys belong to block j-1
                     visible &= start + jnp.arange(config.block_k, dtype=jnp.int32) >= j * config.block_k
+                k_blk, v_blk = _zero_unseen(visible, k_blk, v_blk)
+            s = _plus(_scores(q_blk, k_blk, post_scale, config.softcap), _slice_block(bias, i, j, config))
+            if masked:  # hidden entries become -inf: exp gives exactly 0
                 s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # Until a row meets a finite score (every visible score so far masked
@@ -363,13 +394,16 @@ def _backward(config: Config, residuals, d_out):
         dq_all, dbias_all = carry  # [nq, Hkv, G, Bq, Dh] f32, [Hb, Lq', Lk'] f32 or None
         k_blk, v_blk = k_blocks[j], v_blocks[j]
 
-        def step(i, inner, masked):
+        def step(i, inner, masked, k_blk=k_blk, v_blk=v_blk):
             dk, dv, dq_all, dbias_all = inner
             q_blk, do_blk = q_blocks[i], do_blocks[i]
+            if masked:
+                visible = _block_mask(i, j, mask_b, structure, config)  # [H or 1, Bq, Bk]
+                k_blk, v_blk = _zero_unseen(visible, k_blk, v_blk)
             capped = _scores(q_blk, k_blk, post_scale, config.softcap)
             p = jnp.exp(_plus(capped, _slice_block(bias_b, i, j, config)) - lse_blocks[i][..., None])
             if masked:
-                p = jnp.where(_block_mask(i, j, mask_b, structure, config), p, 0.0)
+                p = jnp.where(visible, p, 0.0)
             p_g = _grouped(p, hkv)
             dv = dv + jnp.einsum("hgqk,hgqd->hkd", p_g.astype(v.dtype), do_blk, preferred_element_type=acc)
             dp = jnp.einsum("hgqd,hkd->hgqk", do_blk, v_blk, preferred_element_type=acc)

@@ -102,6 +102,7 @@ def mesh_attention(
     is sharded `P(data_axis, seq_axis)`.
     """
     options = Options() if options is None else options
+    params = _validate.as_params(params)
     x_q = _checks.as_array("x_q", x_q)
     x_kv = x_q if x_kv is None else _checks.as_array("x_kv", x_kv)
     plan = _plan(params, x_q, x_kv, mesh, num_heads, data_axis, seq_axis, heads_axis, context, options)
