@@ -21,6 +21,8 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Bool, Int
 
+from mha_jax import _checks
+
 Window = tuple[int, int]
 
 
@@ -150,6 +152,7 @@ class Structure(NamedTuple):
 def causal_mask(length_q: int, length_k: int | None = None, *, q_offset: ArrayLike = 0) -> Array:
     """`[Lq, Lk]` lower-triangular mask, top-left aligned and shifted by `q_offset`."""
     length_k = length_q if length_k is None else length_k
+    _check_lengths(length_q, length_k)
     return Structure(is_causal=True, q_offset=q_offset).allows(jnp.arange(length_q), jnp.arange(length_k))
 
 
@@ -157,6 +160,7 @@ def local_mask(
     length_q: int, length_k: int, window: int | tuple[int, int], *, q_offset: ArrayLike = 0
 ) -> Array:
     """`[Lq, Lk]` band mask: each query sees keys within `window` positions."""
+    _check_lengths(length_q, length_k)
     return Structure(window=normalize_window(window), q_offset=q_offset).allows(
         jnp.arange(length_q), jnp.arange(length_k)
     )
@@ -173,6 +177,7 @@ def padding_mask(
     Keys at `j >= kv_length` are hidden; with `q_lengths`, query rows at
     `i >= q_length` see nothing (they come out as zeros).
     """
+    _check_lengths(length_q, length_k)
     kv_lengths = jnp.asarray(kv_lengths)[..., None, None]
     mask = jnp.arange(length_k) < kv_lengths
     mask = jnp.broadcast_to(mask, (*mask.shape[:-2], length_q, length_k))
@@ -180,6 +185,11 @@ def padding_mask(
         q_lengths = jnp.asarray(q_lengths)[..., None, None]
         mask = mask & (jnp.arange(length_q)[:, None] < q_lengths)
     return mask
+
+
+def _check_lengths(length_q, length_k) -> None:
+    _checks.check_length("length_q", length_q)
+    _checks.check_length("length_k", length_k)
 
 
 def combine(*masks: ArrayLike | None) -> Array | None:

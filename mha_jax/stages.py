@@ -26,19 +26,24 @@ def project(
     x: Float[Array, "L D_in"], w: Float[Array, "D_in D_out"], b: Float[Array, " D_out"] | None
 ) -> Float[Array, "L D_out"]:
     """`x @ w + b`: the chapter's multiplication by Wq, Wk, Wv (and Wo)."""
+    _check_projection(x, w, b, "[L, D_in]")
     y = x @ w
     return y if b is None else y + b
 
 
 def split_heads(x: Float[Array, "L HDh"], num_heads: int) -> Float[Array, "L H Dh"]:
     """`[L, H*Dh] -> [L, H, Dh]`: head `h` owns features `h*Dh:(h+1)*Dh`."""
+    _checks.check_rank("x", x, 2, "[L, H*Dh]")
+    _checks.check_positive("num_heads", num_heads)
     length, features = x.shape
-    _checks.check_divides("projected features", features, "num_heads", num_heads)
+    if features % num_heads:
+        raise _checks.fail("num_heads", f"divide the {features} projected features", num_heads)
     return x.reshape(length, num_heads, features // num_heads)
 
 
 def merge_heads(heads: Float[Array, "L H Dh"]) -> Float[Array, "L HDh"]:
     """`[L, H, Dh] -> [L, H*Dh]`, the inverse of `split_heads`."""
+    _checks.check_rank("heads", heads, 3, "[L, H, Dh]")
     length, num_heads, head_dim = heads.shape
     return heads.reshape(length, num_heads * head_dim)
 
@@ -61,8 +66,11 @@ def project_heads(
     a small layer's train step (D=64, B·L=2048 rows) is ~15% faster with the
     einsum, the chapter's (D=768, B·L=64 rows) ~40% faster with the matmul
     (docs/bench_time.md; `scripts/bench.py`)."""
+    _check_projection(x, w, b, "[N, D_in]")
+    _checks.check_positive("num_heads", num_heads)
     features = w.shape[1]
-    _checks.check_divides("projected features", features, "num_heads", num_heads)
+    if features % num_heads:
+        raise _checks.fail("num_heads", f"divide the {features} projected features", num_heads)
     if x.shape[0] < features:
         y = x @ w if b is None else x @ w + b
         return y.reshape(x.shape[0], num_heads, features // num_heads)
@@ -75,7 +83,9 @@ def merge_project(
 ) -> Float[Array, "N D_out"]:
     """`project(merge_heads(heads), w, b)` for `N` rows, in the form that suits the
     shape (why: see `project_heads`)."""
+    _checks.check_rank("heads", heads, 3, "[N, H, Dh]")
     length, num_heads, head_dim = heads.shape
+    _check_projection(heads.reshape(length, num_heads * head_dim), w, b, "[N, H*Dh]", name="heads")
     if length < w.shape[1]:
         y = heads.reshape(length, num_heads * head_dim) @ w
     else:
@@ -92,6 +102,9 @@ def attention_scores(
     (`preferred_element_type`) matters more than a float32 softmax: logits
     accumulated in bf16 carry bf16's rounding (2^-8) in every product summed.
     """
+    _checks.check_heads(q, k)
+    if scale is not None:
+        _checks.check_finite_real("scale", scale)
     length_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     q, post_scale = fold_scale(q, head_dim**-0.5 if scale is None else scale)
@@ -132,6 +145,9 @@ def attention_weights(
     and zero gradients: not NaN (`-inf` fill) and not the mean of V (finite fill).
     Masking uses `where`, so no large negative constant can overflow.
     """
+    _checks.check_rank("scores", scores, 3, "[H, Lq, Lk]")
+    _checks.check_floating("scores", scores)
+    _checks.check_mask_and_bias(mask, None, *scores.shape)
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
     return _masked_softmax(scores, mask)
 
@@ -170,15 +186,33 @@ def _masked_softmax_jvp(primals, tangents):
 
 def dropout_weights(weights: Float[Array, "H Lq Lk"], rate: float, rng: Array) -> Float[Array, "H Lq Lk"]:
     """Inverted dropout on the attention weights, independent per head."""
+    _checks.check_finite_real("rate", rate)
+    if not 0.0 <= rate < 1.0:
+        raise _checks.fail("rate", "lie in [0, 1)", rate)
     keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
     return jnp.where(keep, weights / (1.0 - rate), 0.0).astype(weights.dtype)
 
 
 def apply_weights(weights: Float[Array, "H Lq Lk"], v: Float[Array, "Lk Hkv Dh"]) -> Float[Array, "Lq H Dh"]:
     """`weights · v` per head: each query's weighted sum of the values."""
+    _checks.check_rank("weights", weights, 3, "[H, Lq, Lk]")
+    _checks.check_rank("v", v, 3, "[Lk, Hkv, Dh]")
+    _checks.check_shape("v", v, (weights.shape[2], None, None), "[Lk, Hkv, Dh] (Lk of weights)")
+    _checks.check_kv_heads("v", v, weights.shape[0])
     num_heads, length_q, length_k = weights.shape
     num_kv_heads = v.shape[1]
     grouped = weights.astype(v.dtype).reshape(num_kv_heads, num_heads // num_kv_heads, length_q, length_k)
     accumulate = jnp.promote_types(v.dtype, jnp.float32)
     heads = jnp.einsum("hgqk,khd->qhgd", grouped, v, preferred_element_type=accumulate)
     return heads.reshape(length_q, num_heads, v.shape[2]).astype(v.dtype)
+
+
+def _check_projection(x, w, b, legend: str, name: str = "x") -> None:
+    """`x [N, D_in] @ w [D_in, D_out] + b [D_out]`."""
+    _checks.check_rank(name, x, 2, legend)
+    _checks.check_rank("w", w, 2, "[D_in, D_out]")
+    if x.shape[1] != w.shape[0]:
+        raise _checks.fail(f"{name} and w", "agree on D_in (x [N, D_in], w [D_in, D_out])",
+                           f"shapes {tuple(x.shape)} and {tuple(w.shape)}")  # fmt: skip
+    if b is not None:
+        _checks.check_shape("b", b, (w.shape[1],), "[D_out] (D_out of w)")

@@ -1,5 +1,7 @@
 """Bad input raises at trace time, naming the argument, the expectation and what came."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from flax import nnx
 import mha_jax as mj
 import mha_jax.linen as mlinen
 import mha_jax.nnx as mnnx
+from mha_jax import decoding
 
 B, Lq, Lk, D, H, Dh = 2, 5, 7, 12, 3, 4
 PARAMS = mj.init_params(jax.random.PRNGKey(0), D, H)
@@ -321,3 +324,73 @@ def test_every_wrong_argument_is_named(argument, value):
     with pytest.raises((ValueError, TypeError)) as raised:
         mj.attention(kwargs.pop("params"), kwargs.pop("x_q"), kwargs.pop("x_kv"), **kwargs)
     assert str(raised.value).startswith((argument, "params.")), str(raised.value)
+
+
+# The same hunt over the public helpers and the decoding call: a valid call, then each
+# argument swapped for something of the wrong kind. The helpers are called unwrapped from
+# the test run's jaxtyping hook (`inspect.unwrap`): the checks a user meets are ours.
+Q, K, V = jnp.ones((Lq, 4, Dh)), jnp.ones((Lk, 2, Dh)), jnp.ones((Lk, 2, Dh))
+SCORES = jnp.ones((4, Lq, Lk))
+CACHE = decoding.init_cache(B, 8, H, Dh)
+HELPERS = {  # name: (function, valid arguments, {argument: wrong values})
+    "project": (mj.project, dict(x=XQ, w=PARAMS.w_q, b=PARAMS.b_q), {
+        "x": [jnp.ones((D,)), jnp.ones((Lq, D + 1))], "w": [jnp.ones((D,)), jnp.ones((D - 1, 3))],
+        "b": [jnp.ones((D + 1,))]}),
+    "split_heads": (mj.split_heads, dict(x=XQ, num_heads=H), {
+        "x": [jnp.ones((D,))], "num_heads": [0, 2.0, None]}),
+    "merge_heads": (mj.merge_heads, dict(heads=Q), {"heads": [XQ, jnp.ones((1, 2, 3, 4))]}),
+    "project_heads": (mj.project_heads, dict(x=XQ, w=PARAMS.w_q, b=PARAMS.b_q, num_heads=H), {
+        "x": [jnp.ones((Lq, D + 1))], "num_heads": [0, 5], "b": [jnp.ones((3,))]}),
+    "merge_project": (mj.merge_project, dict(heads=jnp.ones((Lq, H, Dh)), w=PARAMS.w_o, b=PARAMS.b_o), {
+        "heads": [XQ, jnp.ones((Lq, H, Dh + 1))], "w": [jnp.ones((D, D, 1))], "b": [jnp.ones((1,))]}),
+    "attention_scores": (mj.attention_scores, dict(q=Q, k=K), {
+        "q": [Q[0], Q.astype(jnp.int32), jnp.ones((Lq, 4, Dh + 1))],
+        "k": [K[0], K.astype(bool), jnp.ones((Lk, 3, Dh))], "scale": ["0.5", float("nan")]}),
+    "attention_weights": (mj.attention_weights, dict(scores=SCORES), {
+        "scores": [SCORES[0], SCORES.astype(jnp.int32)],
+        "mask": [jnp.ones((Lq, Lk)), jnp.ones((Lq, Lk + 1), bool), jnp.ones((3, Lq, Lk), bool)]}),
+    "dropout_weights": (mj.dropout_weights, dict(weights=SCORES, rate=0.1, rng=jax.random.PRNGKey(0)), {
+        "rate": [1.0, -0.5, float("nan"), "0.1"]}),
+    "apply_weights": (mj.apply_weights, dict(weights=SCORES, v=V), {
+        "weights": [SCORES[0]], "v": [V[0], jnp.ones((Lk + 1, 2, Dh)), jnp.ones((Lk, 3, Dh))]}),
+    "blockwise_attention": (mj.blockwise_attention, dict(q=Q, k=K, v=V), {
+        "q": [Q[0], Q.astype(jnp.int32)], "k": [jnp.ones((Lk, 3, Dh)), K[..., :2]],
+        "v": [V[:-1], V.astype(jnp.int8)], "mask": [jnp.ones((Lq, Lk)), jnp.ones((Lq, Lk - 1), bool)],
+        "bias": [jnp.ones((Lq, Lk), bool), jnp.ones((5, Lq, Lk))], "scale": [float("inf"), "1"],
+        "softcap": [0.0, -1.0], "structure": [(True, 0), mj.Structure(q_offset=1.5)],
+        "block_sizes": [(0, 8), 8]}),
+    "causal_mask": (mj.masks.causal_mask, dict(length_q=Lq), {
+        "length_q": [-1, 2.5, None], "length_k": [-3]}),
+    "local_mask": (mj.masks.local_mask, dict(length_q=Lq, length_k=Lk, window=2), {
+        "length_q": [-1], "length_k": [1.5], "window": [-1, (1,)]}),
+    "padding_mask": (mj.masks.padding_mask, dict(kv_lengths=3, length_q=Lq, length_k=Lk), {
+        "length_q": [-1], "length_k": ["7"]}),
+    "init_cache": (decoding.init_cache, dict(batch=B, capacity=8, num_kv_heads=H, head_dim=Dh), {
+        "batch": [0], "capacity": [-8, 2.0], "dtype": [jnp.int32, bool, "text"]}),
+    "cached_attention": (decoding.cached_attention, dict(params=PARAMS, x=BQ, cache=CACHE, num_heads=H), {
+        "x": [XQ, BQ.astype(jnp.int32)], "cache": [CACHE._replace(k=CACHE.k.astype(jnp.int32)),
+        CACHE._replace(length=jnp.array([-1, 0])), CACHE._replace(length=jnp.array([9, 0])), (1, 2, 3)],
+        "lengths": [jnp.array([Lq + 1, 0]), jnp.array([-1, 0]), jnp.array([1.0, 2.0]), jnp.ones(3, int)],
+        "positions": [jnp.zeros((B,), int), jnp.zeros((B, Lq))], "window": [-1, (1, 2, 3)],
+        "check_capacity": ["yes"], "num_heads": [0, 5]}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "helper, argument, value",
+    [(h, a, v) for h, (_, _, wrong) in HELPERS.items() for a, values in wrong.items() for v in values],
+    ids=[
+        f"{h}-{a}-{i}"
+        for h, (_, _, wrong) in HELPERS.items()
+        for a, vs in wrong.items()
+        for i in range(len(vs))
+    ],
+)
+def test_every_wrong_argument_of_a_public_helper_is_named(helper, argument, value):
+    function, valid, _ = HELPERS[helper]
+    function = inspect.unwrap(function)
+    function(**valid)  # the valid call runs
+    with pytest.raises((ValueError, TypeError)) as raised:
+        function(**(valid | {argument: value}))
+    subject = str(raised.value).split(" must ")[0]  # what the message says must change
+    assert argument in subject.replace(".", " ").split() or subject.startswith("params."), str(raised.value)
