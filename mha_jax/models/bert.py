@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -57,11 +59,19 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> BertConfig:
-        """HF's config.json; refuses what this model does not compute."""
-        hf = json.loads(Path(path).read_text())
-        _checks.check_choice(f"hidden_act in {path}", hf["hidden_act"], list(GELU_APPROXIMATE))
+        """HF's config.json; refuses what this model does not compute. A file that is not a
+        JSON object, or lacks a size, raises `files.DamagedFileError` naming it and the key."""
+        hf = read_json(path)
+        for key in SIZE_KEYS:
+            if not (_checks.is_int(hf.get(key)) and hf[key] > 0):
+                got = f"{hf[key]!r:.40}" if key in hf else "no such key"
+                raise files.damaged(path, key, "be a positive integer", got)
+        eps = hf.get("layer_norm_eps")
+        if not (type(eps) in (int, float) and math.isfinite(eps) and eps > 0):
+            raise files.damaged(path, "layer_norm_eps", "be a positive finite number", f"{eps!r:.40}")
+        _checks.check_choice(f"hidden_act in {path}", hf.get("hidden_act"), list(GELU_APPROXIMATE))
         _checks.check_choice(
-            f"position_embedding_type in {path}", hf["position_embedding_type"], ["absolute"]
+            f"position_embedding_type in {path}", hf.get("position_embedding_type"), ["absolute"]
         )
         return cls(
             vocab_size=hf["vocab_size"],
@@ -71,9 +81,28 @@ class BertConfig:
             d_ff=hf["intermediate_size"],
             max_positions=hf["max_position_embeddings"],
             type_vocab_size=hf["type_vocab_size"],
-            layer_norm_eps=hf["layer_norm_eps"],
+            layer_norm_eps=eps,
             gelu_approximate=GELU_APPROXIMATE[hf["hidden_act"]],
         )
+
+
+# config.json's sizes, each a positive integer.
+SIZE_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings", "type_vocab_size",
+)  # fmt: skip
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from `path` (config.json, sentence_bert_config.json); a missing file stays a
+    `FileNotFoundError`, a damaged one is a `files.DamagedFileError` naming it."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise files.damaged(path, "its text", "be JSON", f"{type(error).__name__}: {error}") from None
+    if not isinstance(value, dict):
+        raise files.damaged(path, "its JSON", "be an object {...}", f"{type(value).__name__}")
+    return value
 
 
 def layer_norm(config: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -159,12 +188,18 @@ def load_tokenizer(folder: str | os.PathLike, max_length: int | None = None) -> 
     if max_length is None:
         st_config = folder / "sentence_bert_config.json"
         max_length = (
-            json.loads(st_config.read_text())["max_seq_length"]
+            read_json(st_config).get("max_seq_length")
             if st_config.is_file()
             else BertConfig.from_json(folder / "config.json").max_positions
         )
     _checks.check_positive("max_length", max_length)
-    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"folder must hold tokenizer.json; got none in {folder}")
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception that does not name the file
+        raise files.damaged(path, "its JSON", "describe a tokenizer", error) from None
     padding = tokenizer.padding or {}  # MiniLM's file pads to a fixed 128; we pad to the batch's longest
     tokenizer.enable_padding(
         direction="right", pad_id=padding.get("pad_id", 0), pad_token=padding.get("pad_token", "[PAD]")
@@ -267,12 +302,29 @@ def to_state_dict(model: Bert) -> dict[str, np.ndarray]:
 
 
 def from_safetensors(path: str | os.PathLike) -> Bert:
-    """The model in an HF model.safetensors, its sizes from the config.json beside it."""
+    """The model in an HF model.safetensors, its sizes from the config.json beside it. A damaged
+    file, or sizes its tensors contradict, raise `files.DamagedFileError` naming the file."""
     path = Path(path)
-    return from_state_dict(files.load_tensors(path), BertConfig.from_json(path.parent / "config.json"))
+    config_path = path.parent / "config.json"
+    config = BertConfig.from_json(config_path)
+    names = files.tensor_shapes(path)  # the header only: a damaged config costs no read
+    layers = {int(m[1]) for name in names if (m := re.match(r"encoder\.layer\.(0|[1-9]\d*)\.", name))}
+    if config.num_layers != len(layers) or layers != set(range(len(layers))):  # before a loop over them
+        held = f"{len(layers)} layers" + (f" (0 to {max(layers)})" if layers else "")
+        raise files.damaged(
+            config_path,
+            "num_hidden_layers",
+            f"be the layers in {path.name}",
+            f"{config.num_layers}; it holds {held}",
+        )
+    try:
+        return from_state_dict(files.load_tensors(path), config)
+    except ValueError as error:  # a size in config.json that the tensors contradict
+        raise files.DamagedFileError(f"{path}: {error} (sizes from {config_path.name})") from None
 
 
 def load(folder: str | os.PathLike | None = None) -> tuple[Bert, tokenizers.Tokenizer]:
     """The model and tokenizer of an HF folder (default: the installed all-MiniLM-L6-v2)."""
     folder = Path(folder) if folder is not None else checkpoint_path("all-minilm-l6-v2").parent
-    return from_safetensors(folder / "model.safetensors"), load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)  # first: it is quick, and a missing file is found at once
+    return from_safetensors(folder / "model.safetensors"), tokenizer

@@ -402,10 +402,13 @@ def to_state_dict(model: Gemma) -> dict[str, np.ndarray]:
 
 
 def from_gguf(path: str | os.PathLike) -> tuple[Gemma, tokenizers.Tokenizer]:
-    """The model and tokenizer of a gemma3 GGUF file (every tensor dequantised to float32)."""
-    tensors, metadata = gguf.read_gguf(path)
-    config = GemmaConfig.from_gguf(metadata)
-    return from_state_dict(gguf.hf_names(tensors, "gemma3"), config), load_tokenizer(metadata)
+    """The model and tokenizer of a gemma3 GGUF file (every tensor dequantised to float32).
+    A damaged file raises `gguf.DamagedFileError` naming the file before a tensor is read."""
+    file = gguf.open_gguf(path)
+    gguf.check_model(file, "gemma3")  # the header's sizes against the tensors present
+    config = GemmaConfig.from_gguf(file.metadata)
+    tensors = gguf.hf_names(gguf.read_tensors(file), "gemma3")
+    return from_state_dict(tensors, config), load_tokenizer(file.metadata)
 
 
 def load(path: str | os.PathLike | None = None) -> tuple[Gemma, tokenizers.Tokenizer]:

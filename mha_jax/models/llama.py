@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -288,14 +288,20 @@ def rope_order(tensors: dict[str, np.ndarray], config: LlamaConfig, reorder: Cal
     }
 
 
-def from_tensors(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> Llama:
-    """The model holding a GGUF file's `tensors` (float32, as stored: Q and K rows interleaved)."""
+def check_names(names: Collection[str], config: LlamaConfig) -> None:
+    """`names` (GGUF's) are exactly the tensors of the model `config` describes."""
     table = weight_table(config)
-    extra, missing = sorted(set(tensors) - set(table)), [name for name in table if name not in tensors]
+    extra, missing = sorted(set(names) - set(table)), [name for name in table if name not in names]
     if extra:  # e.g. "output.weight": an untied output projection
         raise _checks.fail("tensors", "hold only the tensors of a tied-embedding Llama", f"also {extra[:4]}")
     if missing:
-        raise _checks.fail("tensors", f"contain {missing[0]!r} (GGUF names)", f"{len(tensors)} without it")
+        raise _checks.fail("tensors", f"contain {missing[0]!r} (GGUF names)", f"{len(names)} without it")
+
+
+def from_tensors(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> Llama:
+    """The model holding a GGUF file's `tensors` (float32, as stored: Q and K rows interleaved)."""
+    check_names(tensors, config)
+    table = weight_table(config)
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))  # shapes only: nothing drawn
     shapes = weights.param_shapes(model)
     tensors = rope_order(dict(tensors), config, gguf.unpermute)
@@ -318,9 +324,16 @@ def to_tensors(model: Llama) -> dict[str, np.ndarray]:
 
 
 def from_gguf(path: str | os.PathLike | None = None, *, rope_layout: str = "half") -> Llama:
-    """The model in a Llama GGUF file (default: the installed SmolLM2-135M-Instruct), float32."""
+    """The model in a Llama GGUF file (default: the installed SmolLM2-135M-Instruct), float32.
+    A damaged file, or one this model does not compute, raises `gguf.DamagedFileError` naming
+    the file before a tensor is read."""
     file = gguf.open_gguf(checkpoint_path("smollm2-135m-instruct") if path is None else path)
-    config = LlamaConfig.from_gguf(file.metadata, rope_layout)
+    gguf.check_model(file, "llama")  # the header's sizes against the tensors present
+    try:  # what the file holds and this model does not compute (partial RoPE, an untied output)
+        config = LlamaConfig.from_gguf(file.metadata, rope_layout)
+        check_names(file.tensors, config)
+    except ValueError as error:
+        raise gguf.DamagedFileError(f"{file.path}: {error}") from None
     return from_tensors({name: gguf.read_tensor(file, name) for name in file.tensors}, config)
 
 
