@@ -14,13 +14,40 @@ none) and stops at its end-of-turn token. --compare loads HF
 transformers' model from the same GGUF (float32, CPU; about 30 s), runs its greedy
 `generate` on the same token ids in this process, and prints both speeds and whether the
 tokens agree. Nothing is downloaded: the checkpoints are the ones the Makefile installs.
+
+The arguments are checked before the model loads (those that need its sizes, right after).
+Every failure is one `error: ...` line and status 1; Ctrl-C, at any moment, one line and
+130; a reader that stops early (`| head -c 5`) ends the run quietly, with status 141.
 """
 
+# ruff: noqa: E402 (Ctrl-C is handled from the first line on, before the slow imports)
 from __future__ import annotations
 
-import argparse
 import os
+import signal
 import sys
+
+_open_line = False  # stdout's last character is not a newline (see `show`)
+
+
+def _interrupted(signum, frame):
+    """Ctrl-C in the script, at any moment: there is nothing to finish or save, so the line
+    and status 130 at once. (A KeyboardInterrupt can land in a gc callback or a __del__,
+    where Python prints "Exception ignored" and carries on.)"""
+    if _open_line:
+        try:
+            os.write(1, b"\n")  # the line below starts a line of its own
+        except OSError:
+            pass
+    os.write(2, b"error: interrupted (SIGINT)\n")
+    os._exit(130)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted)  # before the slow imports
+
+import argparse
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +58,10 @@ import numpy as np
 
 from mha_jax.interop import checkpoint_path, gguf
 from mha_jax.models import gemma, llama
+
+# The seeds jax.random.PRNGKey tells apart: it takes any int64 but keeps only the low 32 bits
+# (without jax_enable_x64), so PRNGKey(2**32) == PRNGKey(0).
+SEED_RANGE = (0, 2**32)
 
 
 class Checkpoint(NamedTuple):
@@ -120,7 +151,9 @@ def speeds(name: str, timed: Timed, prompt_tokens: int) -> str:
 def run_ours(checkpoint: Checkpoint, ids: list[int], args) -> Timed:
     prompt, lengths = np.array([ids], np.int32), np.array([len(ids)], np.int32)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    capacity = llama.cache_capacity(len(ids) + max(args.max_new_tokens, 2) - 1)  # room for the warm-up
+    # room for the warm-up's 2 tokens (cli checked that the prompt and new tokens fit the context)
+    context = checkpoint.model.config.max_positions
+    capacity = min(llama.cache_capacity(len(ids) + max(args.max_new_tokens, 2) - 1), context)
     warm = checkpoint.generate(checkpoint.model, prompt, lengths, 2, capacity=capacity, **sampling)
     started = time.perf_counter()
     list(warm)  # compiles the prefill and the decode step for these shapes
@@ -134,14 +167,27 @@ def run_ours(checkpoint: Checkpoint, ids: list[int], args) -> Timed:
         checkpoint.model, prompt, lengths, args.max_new_tokens, stop_ids=checkpoint.stop_ids,
         rng=jax.random.PRNGKey(args.seed), capacity=capacity, **sampling,
     )  # fmt: skip
-    for step in steps:
-        now = time.perf_counter()
-        first = now if first is None else first
-        tokens.append(int(step[0]))
-        sys.stdout.write(stream.add(tokens[-1]))
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    try:
+        for step in steps:
+            now = time.perf_counter()
+            first = now if first is None else first
+            tokens.append(int(step[0]))
+            show(stream.add(tokens[-1]))
+    except KeyboardInterrupt:
+        if _open_line:
+            show("\n")  # the error line starts a line of its own
+        raise
+    show("\n")
     return Timed(tokens, first - started, now - first)
+
+
+def show(text: str) -> None:
+    """Streamed text on stdout, now."""
+    global _open_line
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if text:
+        _open_line = not text.endswith("\n")
 
 
 def run_transformers(checkpoint: Checkpoint, ids: list[int], max_new_tokens: int) -> Timed:
@@ -188,6 +234,20 @@ class Parser(argparse.ArgumentParser):
         raise ArgumentError(message)
 
 
+def not_utf8(name: str, text: str) -> str | None:
+    """The complaint about argument `name` if it is not UTF-8 text, else None. On Linux,
+    argv bytes that do not decode arrive as a str with surrogate escapes."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # lone surrogates handed over from Python
+            return f"{name} must be UTF-8 text; got {ascii(text)[:60]}"
+        return f"{name} must be UTF-8 text; got bytes that do not decode: {raw[:40]!r}"
+
+
 def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -202,12 +262,22 @@ def parse_args(argv=None):
     parser.add_argument("--chat", action="store_true", help="apply the model's chat template")
     parser.add_argument("--compare", action="store_true", help="also run HF transformers' greedy generate")
     args = parser.parse_args(argv)
+    low, high = SEED_RANGE
+    undecodable = not_utf8("--prompt", args.prompt)
     checks = [
+        (undecodable is not None, undecodable),
         (not args.prompt.strip(), "--prompt must not be empty"),
         (args.max_new_tokens < 1, f"--max-new-tokens must be at least 1; got {args.max_new_tokens}"),
-        (args.temperature < 0, f"--temperature must be >= 0; got {args.temperature}"),
+        (
+            not 0 <= args.temperature < math.inf,
+            f"--temperature must be finite and >= 0 (0 is greedy); got {args.temperature}",
+        ),
         (args.top_k is not None and args.top_k < 1, f"--top-k must be at least 1; got {args.top_k}"),
         (args.top_p is not None and not 0 < args.top_p <= 1, f"--top-p must lie in (0, 1]; got {args.top_p}"),
+        (
+            not low <= args.seed < high,
+            f"--seed must lie in [0, 2**32) (the seeds jax.random.PRNGKey tells apart); got {args.seed}",
+        ),
         (
             args.temperature == 0 and (args.top_k is not None or args.top_p is not None),
             "--top-k and --top-p shape sampling: give --temperature > 0 with them (0 is greedy)",
@@ -221,23 +291,45 @@ def parse_args(argv=None):
 
 
 def cli(argv: list[str] | None = None) -> int | str:
-    """The command line: its exit status, or the one `error: ...` line to exit with."""
+    """The command line: its exit status, or the one `error: ...` line to exit with. Called
+    from Python, Ctrl-C prints its line here and returns 130 (the script stops in
+    `_interrupted` instead)."""
+    try:
+        return generate_text(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 130
+
+
+def generate_text(argv: list[str] | None) -> int | str:
     try:
         args = parse_args(argv)
     except ArgumentError as error:
         return f"error: {error}"
-    checkpoint = MODELS[args.model]()
+    try:
+        checkpoint = MODELS[args.model]()
+    except (OSError, ValueError) as error:  # not installed, or a damaged file
+        return "error: " + " ".join(str(error).split())
     text = args.prompt
     if args.chat and checkpoint.chat_template is None:
         return f"error: --chat: the {args.model} checkpoint holds no chat template (a base model)"
+    vocab_size = checkpoint.model.config.vocab_size
+    if args.top_k is not None and args.top_k > vocab_size:
+        return (
+            f"error: --top-k must be at most the vocabulary size of {args.model} ({vocab_size}); "
+            f"got {args.top_k}"
+        )
     if args.chat:
         text = llama.chat_prompt(checkpoint.chat_template, [{"role": "user", "content": args.prompt}])
     ids = checkpoint.encode(text)
     context = checkpoint.model.config.max_positions
-    if len(ids) + args.max_new_tokens - 1 > context:
-        return f"error: the prompt ({len(ids)} tokens) and --max-new-tokens must fit {context} positions"
+    if len(ids) + args.max_new_tokens > context:
+        return (
+            f"error: the prompt ({len(ids)} tokens) plus --max-new-tokens ({args.max_new_tokens}) must fit "
+            f"the {context} positions of {args.model}; got {len(ids) + args.max_new_tokens}"
+        )
     if not args.chat:
-        sys.stdout.write(args.prompt)
+        show(args.prompt)  # while the steps compile
     ours = run_ours(checkpoint, ids, args)
     print(speeds("mha_jax", ours, len(ids)))
     if args.compare:
@@ -256,5 +348,17 @@ def cli(argv: list[str] | None = None) -> int | str:
     return 0
 
 
+def main() -> int | str:
+    """`cli()` as a process. A reader that went away (`| head -c 5`) leaves the rest of the
+    output nowhere to go: stdout points at /dev/null, so that the exit's flush is quiet too."""
+    try:
+        outcome = cli()
+        sys.stdout.flush()
+        return outcome
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process that SIGPIPE ended
+
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

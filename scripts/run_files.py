@@ -3,18 +3,25 @@
     RUN_DIR/config.yaml            the config as resolved (a resume rewrites it)
     RUN_DIR/metrics.jsonl          one JSON record per log or eval point
     RUN_DIR/checkpoints/STEP       orbax checkpoints of the TrainState, the newest few
+    RUN_DIR/run.lock               held (fcntl.flock) by the run using the directory
 
-If the latest checkpoint does not read, the newest one that does is restored (the
-unreadable ones are moved to RUN_DIR/unreadable-checkpoints); only when none reads is it
-an error. A state with a non-finite parameter is never saved. An OSError on any of
-these files becomes one CheckpointError that names the file.
+One run at a time: a second run of a directory in use stops with a CheckpointError before
+it reads or writes anything there. If the latest checkpoint does not read, the newest one
+that does is restored (the unreadable ones are moved to RUN_DIR/unreadable-checkpoints);
+only when none reads is it an error. Each checkpoint's files are read through first, so a
+damaged one fails in one place, before orbax starts its parallel reads. A state with a
+non-finite parameter is never saved; config.yaml and metrics.jsonl are replaced whole
+(written beside, then renamed), so an interrupt never leaves half of one. An OSError on
+any of these files becomes one CheckpointError that names the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 import sys
 import time
@@ -23,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+import tensorstore as ts
 import yaml
 from toy_config import Config, ConfigError, check_resume, make_config, read_yaml
 
@@ -77,6 +85,32 @@ def saved_config(run_dir: Path) -> Config:
     return make_config(values)
 
 
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path):
+    """Hold RUN_DIR/run.lock while inside: a second run of the same directory (a second
+    --resume, or a fresh run into it) gets a CheckpointError instead of racing this one.
+    The directory is made if need be (a resume checks first that it is a run directory)."""
+    path = run_dir / "run.lock"
+    with files_of(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a")  # held until the run ends
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(
+                f"run directory {run_dir} must be free for this run; got it in use by another run, "
+                f"which holds the lock {path} (wait for that run to end, or choose another --run-dir)"
+            ) from None
+        yield
+    finally:
+        lock.close()  # releases the lock
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path | None, resume: Path | None) -> Path:
     """The run directory. A resume must continue the same run (toy_config.check_resume);
     a fresh start gets its config.yaml and no metrics.jsonl of an earlier attempt."""
@@ -84,7 +118,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path | None, resume: Path | None) -> P
         check_resume(saved_config(resume), cfg, resume)
         return resume
     if run_dir is None:
-        run_dir = Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = default_run_dir(cfg)
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise CheckpointError(
             f"{run_dir} already holds checkpoints: pass --resume {run_dir} to "
@@ -99,8 +133,20 @@ def prepare_run_dir(cfg: Config, run_dir: Path | None, resume: Path | None) -> P
     return run_dir
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write `path` whole: beside it first, then renamed over it (an interrupt or a kill
+    leaves the old file or the new one, never half of one)."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as error:  # named as `path`, the file the run keeps
+        partial.unlink(missing_ok=True)
+        raise type(error)(error.errno, error.strerror, str(path)) from None
+
+
 def _write_config(run_dir: Path, cfg: Config) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    _replace(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------
@@ -145,7 +191,7 @@ def read_history(run_dir: Path, upto: int) -> list[dict]:
             )
         if record["step"] <= upto:
             history.append(record)
-    path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    _replace(path, "".join(json.dumps(r) + "\n" for r in history))
     return history
 
 
@@ -155,7 +201,10 @@ def read_history(run_dir: Path, upto: int) -> list[dict]:
 
 def checkpoint_manager(run_dir: Path, cfg: Config) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, create=True, enable_async_checkpointing=False
+        max_to_keep=cfg.keep_checkpoints,
+        create=True,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,  # of a save that a kill cut short
     )
     return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
 
@@ -183,6 +232,39 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, run_dir: P
         manager.wait_until_finished()
 
 
+def read_through(step_dir: Path) -> None:
+    """Read every array of the checkpoint in `step_dir` once, synchronously; raise if one
+    does not read. orbax reads the arrays concurrently, in an event loop it closes as soon
+    as the first read fails: the reads still in flight then finish into the closed loop,
+    each printing an "Event loop is closed" traceback. Read here first, a damaged file
+    fails alone. (The arrays are orbax's default layout: zarr in an OCDBT database in
+    the item folder `default`; another layout is left to orbax.)"""
+    item = step_dir / "default"
+    if not item.is_dir():
+        raise CheckpointError(f"{item} is missing")
+    if not (item / "manifest.ocdbt").is_file():
+        return
+    database = {"driver": "ocdbt", "base": f"file://{item.absolute()}/"}
+    keys = [key.decode() for key in ts.KvStore.open(database).result().list().result()]
+    for key in keys:
+        name, _, leaf = key.rpartition("/")
+        if leaf in (".zarray", "zarr.json"):
+            driver = "zarr" if leaf == ".zarray" else "zarr3"
+            spec = {"driver": driver, "kvstore": {**database, "path": name + "/"}}
+            ts.open(spec, open=True).result().read().result()
+
+
+def _restore(directory: Path, step: int, abstract):
+    """`step` restored by a manager of its own: after a failed restore, an orbax manager
+    can answer every other step with an error about `Composite` args."""
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)  # saves nothing
+    reader = ocp.CheckpointManager(directory, options=options)
+    try:
+        return reader.restore(step, args=ocp.args.StandardRestore(abstract))
+    finally:
+        reader.close()
+
+
 def restore_latest(manager: ocp.CheckpointManager, like: tuple, run_dir: Path) -> tuple:
     """The newest checkpoint that reads, as the type of `like` (the TrainState whose shapes
     it has); newer unreadable ones are skipped, with a warning."""
@@ -191,11 +273,13 @@ def restore_latest(manager: ocp.CheckpointManager, like: tuple, run_dir: Path) -
     if not steps:
         raise CheckpointError(f"no checkpoint found in {where}; nothing to resume")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    directory = Path(manager.directory)
     failures = []
     for step in steps:
         try:
-            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except Exception as error:  # orbax raises many kinds for damaged files
+            read_through(directory / str(step))
+            restored = _restore(directory, step, abstract)
+        except Exception as error:  # orbax and tensorstore raise many kinds for damaged files
             failures.append((step, _reason(error)))
             continue
         for skipped, reason in failures:

@@ -1,8 +1,9 @@
 """The training script's config: a frozen dataclass filled from YAML and `--set`, checked
 before anything compiles, and the rule for what a resume may change.
 
-Unknown keys are an error that lists the valid ones; values keep the field's type
-(`--set steps=12` is an int, `num_heads: true` is refused).
+Unknown keys are an error that lists the valid ones, and so is a key given twice in one
+YAML mapping; values keep the field's type (`--set steps=12` is an int, `num_heads: true`
+is refused).
 
 A resume continues the same run, so every config field keeps its saved value
 except those in RESUME_MAY_CHANGE: `implementation` and the device mesh (mesh_data,
@@ -104,6 +105,14 @@ RESUME_MAY_CHANGE = (
 )
 
 
+# The seeds jax.random.PRNGKey tells apart: it takes any int64, but without jax_enable_x64 it
+# keeps only the low 32 bits (PRNGKey(2**32) == PRNGKey(0)), so a wider seed would quietly
+# repeat another run's data.
+SEED_RANGE = (0, 2**32)
+# The held-out set is made and evaluated in one piece: its estimated size is capped.
+EVAL_MEMORY_LIMIT = 4 * 2**30  # bytes
+
+
 class ConfigError(ValueError):
     pass
 
@@ -142,6 +151,33 @@ def make_config(values: dict[str, Any]) -> Config:
     return Config(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(f"{key!r} on lines {first} and {again}")
+        self.key, self.first, self.again = key, first, again
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last value). Keys merged in with `<<` may still be overridden, as YAML says."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in lines:
+                        raise DuplicateKey(key, lines[key], line)
+                    lines[key] = line
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The mapping in the YAML file `path`; an empty file is an empty mapping."""
     try:
@@ -150,7 +186,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         reason = getattr(error, "strerror", None) or type(error).__name__
         raise ConfigError(f"config file {path} must be a readable file; got {reason}") from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKey as error:
+        raise ConfigError(f"config file {path} must give each key once; got {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -242,8 +280,51 @@ def check_config(cfg: Config) -> None:
         f"clip_norm must be positive (the largest global gradient norm; inf "
         f"turns clipping off); got {cfg.clip_norm}",
     )
-    need(cfg.num_heatmaps <= cfg.eval_size, "num_heatmaps must be at most eval_size")
+    low, high = SEED_RANGE
+    for name in ("seed", "eval_seed"):
+        value = getattr(cfg, name)
+        need(
+            low <= value < high,
+            f"{name} must lie in [0, 2**32) (the seeds jax.random.PRNGKey tells apart); got {value}",
+        )
+    need(
+        0 <= cfg.num_heatmaps <= cfg.eval_size,
+        f"num_heatmaps must lie in [0, eval_size={cfg.eval_size}] (0 draws none); got {cfg.num_heatmaps}",
+    )
+    if cfg.task == "teacher":
+        need(
+            0 <= cfg.target < math.inf,
+            f"target must be a finite relative error >= 0 (for task 'teacher'); got {cfg.target}",
+        )
+    else:
+        need(
+            0 <= cfg.target <= 1,
+            f"target must be an accuracy in [0, 1] (for task {cfg.task!r}); got {cfg.target}",
+        )
+    per_example = eval_bytes_per_example(cfg)
+    most = EVAL_MEMORY_LIMIT // per_example
+    need(
+        cfg.eval_size <= most,
+        f"eval_size must be at most {most} (the held-out set is made and evaluated at once: about "
+        f"{per_example / 1024:.1f} KiB an example, estimated, within {EVAL_MEMORY_LIMIT / 2**30:g} GiB); "
+        f"got {cfg.eval_size}",
+    )
     check_mesh(cfg, need)
+
+
+def eval_bytes_per_example(cfg: Config) -> int:
+    """An estimate (from above; XLA fuses much of it) of the bytes one held-out example takes
+    while the set is made and evaluated: its inputs and targets, the embeddings and
+    projections [L, D], the scores and weights [H, Lq, Lk] and the logits [Lq, outputs]."""
+    if cfg.task == "recall":
+        lq, lk, outputs, drawn = cfg.num_queries, cfg.num_pairs, cfg.num_values, cfg.num_keys
+    else:
+        lq = lk = cfg.seq_len
+        outputs, drawn = (cfg.vocab_size if cfg.task == "reverse" else cfg.d_model), 0
+    words = (
+        drawn + 2 * (lq + lk) + 4 * (lq + lk) * cfg.d_model + 2 * cfg.num_heads * lq * lk + 2 * lq * outputs
+    )
+    return 4 * words  # int32 and float32
 
 
 def check_mesh(cfg: Config, need) -> None:

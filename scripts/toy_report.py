@@ -9,6 +9,7 @@ them too.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -33,17 +34,29 @@ def reference_weights(cfg: Config, params: dict, batch) -> jax.Array:
     return weights
 
 
-def draw_pictures(cfg: Config, run_dir: Path, history: list[dict], params: dict, eval_set) -> None:
-    """curves.png, and heatmap_<b>.png of the most decided head for the first held-out examples."""
+def draw_pictures(
+    cfg: Config,
+    run_dir: Path,
+    history: list[dict],
+    params: dict,
+    eval_set,
+    stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """curves.png, and heatmap_<b>.png of the most decided head for the first held-out examples;
+    once `stop()` is true, no further picture is begun (each one is written whole)."""
     keys = ["loss", "eval_loss"] + (
         ["relative_error", "eval_relative_error"] if cfg.task == "teacher" else ["accuracy", "eval_accuracy"]
     )
     curves(history, keys, run_dir / "curves.png", f"{cfg.task}: training and held-out metrics")
     _, _, labels_for = TASKS[cfg.task]
     count = cfg.num_heatmaps
+    if count == 0 or stop():
+        return
     examples = jax.tree.map(lambda a: np.asarray(a[:count]), eval_set)
     weights = np.asarray(reference_weights(cfg, params, examples))  # [n, H, Lq, Lk]
     for b in range(count):
+        if stop():
+            return
         head = int(weights[b].max(-1).mean(-1).argmax())  # the most decided head
         rows, cols = labels_for(cfg, examples, b)
         heatmap(

@@ -9,23 +9,51 @@
 
 Reads in the order things happen: config, data, parameters, optimizer, step,
 loop. Each run writes a run directory with config.yaml (as resolved),
-metrics.jsonl, curves.png, heatmap PNGs and orbax checkpoints; Ctrl-C or
-SIGTERM saves a checkpoint and exits, and --resume continues bit-identically
-(on the same devices and implementation).
+metrics.jsonl, curves.png, heatmap PNGs and orbax checkpoints; --resume continues
+bit-identically (on the same devices and implementation). One run at a time uses a
+run directory (run_files.locked).
+
+Ctrl-C or SIGTERM, at any moment, ends the run with one line and leaves nothing
+half-written: from the first line of `cli` to its end a signal is only recorded, and the
+run stops at its next safe point. Before the first step that is the next stage of the
+start-up (nothing trained, nothing saved: `error: ...`, status 130 or 143); in the loop,
+the end of the step: a checkpoint is saved and the line says how to resume; after the
+last step, the end of the final save and of the picture being drawn. A second signal
+changes nothing (it cannot cut the save short). A reader that stops early (`| head`)
+stops the run the same way, with status 141. While the libraries load, before `cli`,
+nothing is written yet: a signal then ends the process at once, with one line.
 
 Beside it: toy_config.py (the Config, its YAML, its checks, and what a resume may
 change), toy_tasks.py (each task's data, model and metrics), run_files.py (the run
-directory: config.yaml, metrics.jsonl, checkpoints, resume) and toy_report.py (the
-curves, heatmaps and summary line of a finished run).
+directory: config.yaml, metrics.jsonl, checkpoints, resume, its lock), run_signals.py (how
+a run stops: signals deferred to its safe points) and toy_report.py (the curves, heatmaps
+and summary line of a finished run).
 """
 
+# ruff: noqa: E402 (signals are handled from the first line on, before the slow imports)
 from __future__ import annotations
 
-import argparse
-import json
-import math
+import os
 import signal
 import sys
+
+_stage = "while starting; nothing was trained or saved"
+
+
+def _stopped_outside_cli(signum, frame):  # nothing is being written: say so and stop
+    os.write(2, f"error: {signal.Signals(signum).name} received {_stage}\n".encode())
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(_signal) is not signal.SIG_IGN:  # a background job's stays ignored
+            signal.signal(_signal, _stopped_outside_cli)  # until cli() takes over
+
+import argparse
+import contextlib
+import json
+import math
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,14 +68,17 @@ from run_files import (
     CheckpointError,
     NonFiniteLoss,
     checkpoint_manager,
+    default_run_dir,
     diverged,
     files_of,
+    locked,
     log_metrics,
     prepare_run_dir,
     resume_state,
     save_checkpoint,
     saved_config,
 )
+from run_signals import Interrupted, deferred_signals, say, stopped_by
 from toy_config import Config, ConfigError, check_config, load_config
 from toy_report import draw_pictures, summary
 from toy_tasks import TASKS, loss_and_metrics, toy_mesh
@@ -166,95 +197,119 @@ def main(
 ) -> list[dict]:
     """Train; return the logged history (one dict per log or eval point).
 
-    `stop_at` ends the loop early as an interruption would (for tests).
+    `stop_at` ends the loop early as an interruption would (for tests). A signal before
+    the first step raises Interrupted; one later ends the history with a record
+    {"step", "interrupted": "SIGINT"} (or SIGTERM, SIGPIPE).
     """
-    check_config(cfg)
-    run_dir = prepare_run_dir(cfg, run_dir, resume)
+    with deferred_signals() as received:
+        check_config(cfg)
+        if resume is not None:
+            saved_config(resume)  # a run directory, before anything is made or locked there
+        run_dir = resume if resume is not None else (run_dir or default_run_dir(cfg))
+        with locked(run_dir):
+            return _train(cfg, run_dir, resume, quiet, stop_at, received)
 
+
+def _train(cfg: Config, run_dir: Path, resume: Path | None, quiet: bool, stop_at, received: dict):
+    def unless_signalled():  # a safe point of the start-up: nothing is trained or saved yet
+        if "signal" in received:
+            raise Interrupted(received["signal"], run_dir)
+
+    unless_signalled()
+    run_dir = prepare_run_dir(cfg, run_dir, resume)
     graphdef, optimizer, state = initial_state(cfg)
     state_sharding, data_sharding = shardings_for(state, toy_mesh(cfg), cfg.num_heads)
     # Placed before a resume reads into its shardings: a checkpoint saved on one mesh
     # shape restores onto this one (orbax reshards as it reads).
     state = jax.device_put(state, state_sharding)
     history = []  # a fresh start: prepare_run_dir removed any earlier metrics.jsonl
+    unless_signalled()
     with files_of(run_dir):
         manager = checkpoint_manager(run_dir, cfg)
+    with contextlib.closing(manager):
         if resume is not None:
-            state, history = resume_state(cfg, manager, state, run_dir)
-    train_step, evaluate, batches = make_steps(cfg, graphdef, optimizer, (state_sharding, data_sharding))
-    eval_set = jax.device_put(held_out_set(cfg), data_sharding)
+            with files_of(run_dir):
+                state, history = resume_state(cfg, manager, state, run_dir)
+        train_step, evaluate, batches = make_steps(cfg, graphdef, optimizer, (state_sharding, data_sharding))
+        eval_set = jax.device_put(held_out_set(cfg), data_sharding)
+        unless_signalled()
 
-    stop_signal = {}
-    handlers = {
-        s: signal.signal(s, lambda signum, _: stop_signal.setdefault("signal", signum))
-        for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    start_step, start_time = int(state.step), time.perf_counter()
-    last = min(cfg.steps, stop_at or cfg.steps)
-    bar = tqdm(
-        total=cfg.steps, initial=start_step, disable=quiet, unit="step", desc=cfg.task, dynamic_ncols=True
-    )
-    metrics = None
-    try:
-        previous = None
-        for step in range(start_step, last):
-            state, metrics = train_step(state, batches(step))
-            # At most two steps in flight. XLA:CPU admits a fixed number of computations
-            # per device; with several devices, a step whose collectives wait for its turn
-            # on one device while later steps fill that device's slots never starts there,
-            # and the other devices wait in its collectives until the run aborts (seen with
-            # ring attention on 8 host devices). Dispatch still overlaps the step before.
-            jax.block_until_ready(previous)
-            previous = metrics
-            bar.update(1)
-            done = step + 1
-            if done % cfg.log_every == 0 or done == last:
-                record = log_metrics(history, run_dir, done, "train", jax.device_get(metrics))
-                if not math.isfinite(record["loss"]):
-                    raise diverged(done, manager, run_dir)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"})
-                if quiet:
-                    print(json.dumps(record), flush=True)
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                record = log_metrics(
-                    history, run_dir, done, "eval", jax.device_get(evaluate(state.params, eval_set))
-                )
-                if quiet:
-                    print(json.dumps(record), flush=True)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(manager, done, state, run_dir)
-            if "signal" in stop_signal:
-                break
-    finally:
-        bar.close()
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-
-    stopped_early = int(state.step) < cfg.steps
-    if stopped_early and manager.latest_step() != int(state.step):
-        save_checkpoint(manager, int(state.step), state, run_dir)
-    with files_of(run_dir):
-        manager.close()
-    if "signal" in stop_signal:
-        name = signal.Signals(stop_signal["signal"]).name
-        print(
-            f"{name} received: checkpoint saved at step {int(state.step)} in {run_dir}; "
-            f"continue with --resume {run_dir}",
-            flush=True,
+        start_step, start_time = int(state.step), time.perf_counter()
+        last = min(cfg.steps, stop_at or cfg.steps)
+        bar = tqdm(
+            total=cfg.steps, initial=start_step, disable=quiet, unit="step", desc=cfg.task, dynamic_ncols=True
         )
-        history.append(dict(step=int(state.step), interrupted=name))
-        return history
+        metrics = None
+        with contextlib.closing(bar):
+            previous = None
+            for step in range(start_step, last):
+                state, metrics = train_step(state, batches(step))
+                # At most two steps in flight. XLA:CPU admits a fixed number of computations
+                # per device; with several devices, a step whose collectives wait for its turn
+                # on one device while later steps fill that device's slots never starts there,
+                # and the other devices wait in its collectives until the run aborts (seen with
+                # ring attention on 8 host devices). Dispatch still overlaps the step before.
+                jax.block_until_ready(previous)
+                previous = metrics
+                bar.update(1)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == last:
+                    record = log_metrics(history, run_dir, done, "train", jax.device_get(metrics))
+                    if not math.isfinite(record["loss"]):
+                        raise diverged(done, manager, run_dir)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"})
+                    if quiet:
+                        say(json.dumps(record), received)
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    record = log_metrics(
+                        history, run_dir, done, "eval", jax.device_get(evaluate(state.params, eval_set))
+                    )
+                    if quiet:
+                        say(json.dumps(record), received)
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    save_checkpoint(manager, done, state, run_dir)
+                if "signal" in received:
+                    break
 
+        # Signals stay deferred: a second one cannot cut this save short.
+        stopped_early = int(state.step) < cfg.steps
+        if stopped_early and manager.latest_step() != int(state.step):
+            save_checkpoint(manager, int(state.step), state, run_dir)
     seconds = time.perf_counter() - start_time
-    with files_of(run_dir):
-        draw_pictures(cfg, run_dir, history, state.params, eval_set)
+    drawing = "signal" not in received
+    if drawing:  # a signal now stops it between two pictures
+        with files_of(run_dir):
+            draw_pictures(cfg, run_dir, history, state.params, eval_set, stop=lambda: "signal" in received)
+    if "signal" in received:
+        signum, step = received["signal"], int(state.step)
+        if stopped_early:
+            line = f"checkpoint saved at step {step} in {run_dir}; continue with --resume {run_dir}"
+        else:
+            pictures = "some pictures may be missing" if drawing else "the pictures were not drawn"
+            line = f"training is done and saved at step {step} in {run_dir}; {pictures}"
+        line = f"{stopped_by(signum)}: {line}"
+        if signum == signal.SIGPIPE:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            say(line, received)
+        history.append(dict(step=step, interrupted=signal.Signals(signum).name))
+        return history
     if not stopped_early:
-        print(summary(cfg, history, int(state.step) - start_step, seconds, run_dir), flush=True)
+        say(summary(cfg, history, int(state.step) - start_step, seconds, run_dir), received)
     return history
 
 
+class ArgumentError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise ArgumentError(message)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train Wq, Wk, Wv on a toy task.")
+    parser = Parser(description="Train Wq, Wk, Wv on a toy task.")
     parser.add_argument(
         "--config",
         type=Path,
@@ -275,25 +330,45 @@ def parse_args(argv=None):
         help="continue RUN_DIR from its last checkpoint (uses its config.yaml)",
     )
     parser.add_argument("--quiet", action="store_true", help="JSON log lines, no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = [("--config", args.config), ("--run-dir", args.run_dir), ("--resume", args.resume)]
+    for name, value in given + [("--set", item) for item in args.set]:
+        try:  # the paths and values are printed and saved as text
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that do not decode arrive surrogate-escaped
+            shown = str(value).encode("utf-8", "surrogateescape")[:40]
+            raise ArgumentError(
+                f"{name} must be UTF-8 text; got bytes that do not decode: {shown!r}"
+            ) from None
+    return args
 
 
 def cli(argv: list[str] | None = None) -> int | str:
-    """The command line: its exit status, or the one `error: ...` line to exit with."""
-    args = parse_args(argv)
-    try:
-        if args.resume is not None and args.config is None:
-            saved_config(args.resume)  # says so when RUN_DIR is not a run directory
-        config_path = args.config or (
-            args.resume / "config.yaml" if args.resume else Path("configs/recall.yaml")
-        )
-        cfg = load_config(config_path, args.set)
-        history = main(cfg, run_dir=args.run_dir, resume=args.resume, quiet=args.quiet)
+    """The command line: its exit status, or the one `error: ...` line to exit with. Signals
+    are deferred from here on (`deferred_signals`); one that stopped the run before its
+    first step prints its line here, and the status is 128 + its number."""
+    with deferred_signals():
+        try:
+            args = parse_args(argv)
+            if args.resume is not None and args.config is None:
+                saved_config(args.resume)  # says so when RUN_DIR is not a run directory
+            config_path = args.config or (
+                args.resume / "config.yaml" if args.resume else Path("configs/recall.yaml")
+            )
+            cfg = load_config(config_path, args.set)
+            history = main(cfg, run_dir=args.run_dir, resume=args.resume, quiet=args.quiet)
+        except ArgumentError as error:
+            return f"error: {error}"
+        except Interrupted as stop:
+            print(f"error: {stop}", file=sys.stderr, flush=True)
+            return 128 + stop.signum
+        except (ConfigError, CheckpointError, NonFiniteLoss) as error:
+            return "error: " + " ".join(str(error).split())
         interrupted = history and history[-1].get("interrupted")
-        return {"SIGINT": 130, "SIGTERM": 143}.get(interrupted, 0)
-    except (ConfigError, CheckpointError, NonFiniteLoss) as error:
-        return "error: " + " ".join(str(error).split())
+        return 128 + signal.Signals[interrupted] if interrupted else 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    status = cli()  # which puts back the handlers above when it returns
+    _stage = "while exiting; the run had ended"
+    sys.exit(status)
