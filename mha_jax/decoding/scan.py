@@ -80,8 +80,10 @@ def scan_cache(
         v = jax.lax.dynamic_slice(v_cache, (b, start, 0, 0), (1, block, kv_heads, width)).astype(jnp.float32)
         k, v = k.reshape(block, kv_heads * width), v.reshape(block, kv_heads * width)  # [C, Hkv·Dh]
         visible = structure(q_offset[b], kv_length[b]).allows(rows, keys) & (keys >= i * block)  # [T, C]
-        # Hidden slots hold anything (padding, old values): zero their values, as every kernel does.
-        v = jnp.where(visible.any(axis=0)[:, None], v, 0)  # [C, Hkv·Dh]
+        # Hidden slots hold anything (unfilled, old values): zero them, as every kernel does
+        # (the values for the output, the keys for the gradients; measured free here).
+        seen = visible.any(axis=0)[:, None]  # [C, 1]
+        k, v = jnp.where(seen, k, 0), jnp.where(seen, v, 0)  # [C, Hkv·Dh]
         scores = k @ q_blocks[b]  # [C, H·T]
         if options.softcap is not None:
             scores = stages.soft_cap(scores[None], options.softcap)[0]  # the stage takes [H, Lq, Lk]
