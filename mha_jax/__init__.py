@@ -22,6 +22,7 @@ from mha_jax.kernels.blockwise import blockwise_attention
 from mha_jax.masks import Structure
 from mha_jax.options import IMPLEMENTATIONS, Options
 from mha_jax.params import MHAParams, init_params, param_shapes, resolve_sizes
+from mha_jax.rope import RoPE
 from mha_jax.stages import (
     apply_weights,
     attention_scores,
@@ -38,6 +39,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "MHAParams",
     "Options",
+    "RoPE",
     "Structure",
     "apply_weights",
     "attention",

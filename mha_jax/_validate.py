@@ -14,10 +14,10 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from mha_jax import _checks
-from mha_jax.decoding.rope import rotary_size
 from mha_jax.masks import Structure, normalize_window
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
+from mha_jax.rope import rotary_size
 
 
 class Sizes(NamedTuple):

@@ -24,8 +24,7 @@ from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
 from mha_jax import _checks, _validate, kernels, masks
-from mha_jax.decoding.qk_norm import qk_norm
-from mha_jax.decoding.rope import RoPE, apply_rope
+from mha_jax.frame import normalize_qk, rotate
 from mha_jax.masks import Structure
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
@@ -236,22 +235,6 @@ def _forward(
     # merge_project(heads, w, b) = project(merge_heads(heads), w, b) on the B·Lq rows
     out = merge_project(heads.reshape(batch * length_q, *heads.shape[2:]), params.w_o, params.b_o)
     return unrows(out, length_q), weights  # [B, Lq, D_out]
-
-
-def normalize_qk(params: MHAParams, q, k, options: Options):
-    """QK-norm when the params hold its scales: RMS over each head's Dh features, before RoPE."""
-    if params.q_norm is None:
-        return q, k
-    return (qk_norm(q, params.q_norm, eps=options.qk_norm_eps),
-            qk_norm(k, params.k_norm, eps=options.qk_norm_eps))  # fmt: skip
-
-
-def rotate(x, first_position, rope: RoPE | None):
-    """RoPE of one example's `[L, H, Dh]` heads at positions `first_position + arange(L)`."""
-    if rope is None:
-        return x
-    positions = jnp.arange(x.shape[0], dtype=jnp.int32) + jnp.asarray(first_position, jnp.int32)
-    return apply_rope(x, positions, rope)
 
 
 def zero_hidden_rows(x_q, x_kv, mask, bias, structure: Structure):

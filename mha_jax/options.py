@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mha_jax import _checks
-from mha_jax.decoding.rope import RoPE
+from mha_jax.rope import RoPE
 
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "xla", "cudnn", "pallas")
 

@@ -1,4 +1,4 @@
-"""QK-norm (`mha_jax.decoding.qk_norm`): RMSNorm over each head's Dh features,
+"""QK-norm (`mha_jax.qk_norm`): RMSNorm over each head's Dh features,
 against a float64 NumPy spec, constants pinned from HF transformers' Gemma 3
 and Qwen3 norms (Gemma's `1 + w`), its properties, and bad input."""
 

@@ -1,4 +1,4 @@
-"""RoPE (`mha_jax.decoding.rope`): against a float64 NumPy loop written from the
+"""RoPE (`mha_jax.rope`): against a float64 NumPy loop written from the
 formulas, against constants pinned from HF transformers, and by its properties
 (scores depend on m - n only, the two layouts are one permutation apart,
 partial rotary, bf16, gradients = the transposed rotation, bad input)."""

@@ -1,16 +1,18 @@
-"""Pieces for decoder models: rotary position embeddings and QK-norm.
+"""Decoding: a KV cache, and one call for prefill and decode against it.
 
-Pure functions on one sequence, like the rest of mha_jax (the batch comes from
-`jax.vmap`). Legend additions: R = rotated features per head (`RoPE.rotary_dim`,
-even, <= Dh); F = R/2 rotation frequencies.
+    cache = init_cache(batch, capacity, num_kv_heads, head_dim)     # KVCache(k, v, length)
+    out, cache = cached_attention(params, x [B, T, D], cache, num_heads=H)
 
-    q = apply_rope(qk_norm(q, q_scale), positions, rope)   # [L, H, Dh]
-    k = apply_rope(qk_norm(k, k_scale), positions, rope)   # [L, Hkv, Dh]
+RoPE and QK-norm, which every call runs (not only decoding), live in `mha_jax.rope` and
+`mha_jax.qk_norm`; they are re-exported here, where decoder models look for them.
+Legend additions: S = cache capacity (slots); T = new tokens per step; R = rotated
+features per head (`RoPE.rotary_dim`, even, <= Dh); F = R/2 rotation frequencies.
 """
 
 from mha_jax.decoding.cache import KVCache, init_cache
-from mha_jax.decoding.qk_norm import qk_norm, rms_norm
-from mha_jax.decoding.rope import (
+from mha_jax.decoding.step import cached_attention
+from mha_jax.qk_norm import qk_norm, rms_norm
+from mha_jax.rope import (
     HF_ROPE_TYPES,
     LAYOUTS,
     LinearScaling,
@@ -40,13 +42,3 @@ __all__ = [
     "rms_norm",
     "scaling_from_hf",
 ]
-
-
-def __getattr__(name: str):
-    # The cached call builds on mha_jax.core, which imports this package's RoPE and
-    # QK-norm: it is loaded on first use, so that importing either never cycles.
-    if name == "cached_attention":
-        from mha_jax.decoding.step import cached_attention
-
-        return cached_attention
-    raise AttributeError(f"module 'mha_jax.decoding' has no attribute {name!r}")

@@ -46,13 +46,13 @@ from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
 from mha_jax import _checks, _validate, kernels
-from mha_jax.core import normalize_qk
 from mha_jax.decoding.cache import KVCache, append, check_room, raise_if_full
-from mha_jax.decoding.rope import apply_rope
 from mha_jax.decoding.scan import SCAN_MAX_NEW, scan_cache
+from mha_jax.frame import normalize_qk
 from mha_jax.masks import Structure, normalize_window
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
+from mha_jax.rope import apply_rope
 from mha_jax.stages import merge_project, project_heads
 
 

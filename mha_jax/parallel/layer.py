@@ -31,8 +31,6 @@ from jax import Array
 from jax.sharding import PartitionSpec as P
 
 from mha_jax import _checks, _validate
-from mha_jax.decoding.qk_norm import qk_norm
-from mha_jax.decoding.rope import apply_rope
 from mha_jax.kernels.blockwise import blockwise_attention
 from mha_jax.masks import Structure, normalize_window
 from mha_jax.options import Options
@@ -42,6 +40,8 @@ from mha_jax.parallel.layout import Layout, check_layout_for
 from mha_jax.parallel.ring import ring_attention
 from mha_jax.parallel.ulysses import all_to_all_attention, check_heads
 from mha_jax.params import MHAParams
+from mha_jax.qk_norm import qk_norm
+from mha_jax.rope import apply_rope
 from mha_jax.stages import merge_project, project_heads
 
 CONTEXTS = {"ring": ring_attention, "all_to_all": all_to_all_attention, "all_gather": all_gather_attention}

@@ -1,0 +1,88 @@
+"""The house's layering: no module imports one above it (README, "Where things live").
+
+Each module of mha_jax sits on one layer; it may import its own layer and those below. Read
+from the source (ast), so a lazy import inside a function counts as much as one at the top.
+"""
+
+import ast
+import pathlib
+
+import mha_jax
+
+# Lowest first. A package stands for every module in it.
+LAYERS = [
+    ["mha_jax._checks"],
+    ["mha_jax.masks", "mha_jax.rope", "mha_jax.qk_norm", "mha_jax.params", "mha_jax.stages"],
+    ["mha_jax.options"],
+    ["mha_jax.kernels"],
+    ["mha_jax._validate", "mha_jax.frame"],
+    ["mha_jax.core", "mha_jax.decoding"],
+    ["mha_jax.parallel"],
+    ["mha_jax._module", "mha_jax.nnx", "mha_jax.linen"],
+    ["mha_jax.interop"],
+    ["mha_jax.models"],
+]
+ROOT = pathlib.Path(mha_jax.__file__).parent
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of `module` (longest prefix wins); None for the package itself (the top)."""
+    best = None
+    for rank, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[1]):
+                best = (rank, len(name))
+    return None if best is None else best[0]
+
+
+def modules():
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        yield name, path
+
+
+def imported(tree: ast.AST, module: str, is_package: bool):
+    """Every mha_jax module a source imports (`from mha_jax.x import y` counts as x.y when
+    y is a module, else as x)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names if alias.name.startswith("mha_jax"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's package
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            if not base.startswith("mha_jax"):
+                continue
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                as_module = (ROOT.parent / candidate.replace(".", "/")).with_suffix(".py").exists() or (
+                    ROOT.parent / candidate.replace(".", "/") / "__init__.py"
+                ).exists()
+                yield candidate if as_module else base
+
+
+def test_every_module_has_a_layer():
+    unplaced = [name for name, _ in modules() if name != "mha_jax" and layer_of(name) is None]
+    assert not unplaced, f"place these in LAYERS: {unplaced}"
+
+
+def test_no_module_imports_one_above_it():
+    upward = []
+    for name, path in modules():
+        own = layer_of(name)
+        if own is None:  # the package's __init__: the top
+            continue
+        for target in imported(ast.parse(path.read_text()), name, path.name == "__init__.py"):
+            rank = layer_of(target)
+            if rank is None or rank > own:
+                upward.append(f"{name} (layer {own}) imports {target} (layer {rank})")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_decoding_package_loads_without_a_lazy_import():
+    import mha_jax.decoding
+
+    assert not hasattr(mha_jax.decoding, "__getattr__")
+    assert callable(mha_jax.decoding.cached_attention)
