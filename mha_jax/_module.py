@@ -3,6 +3,7 @@ they store parameters and random keys."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from mha_jax import _checks
@@ -54,7 +55,7 @@ def forward(
     if unbatched:  # one example: lend it a batch axis of 1
         add = lambda a: None if a is None else jnp.asarray(a)[None]
         x_q, x_kv, mask, bias = map(add, (x_q, x_kv, mask, bias))
-        structure = structure._replace(kv_length=add(structure.kv_length))
+        structure = jax.tree.map(add, structure)  # its arrays too: kv_length [1], segment ids [1, L]
     out, weights = batched(
         params,
         x_q,

@@ -11,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-import jax.numpy as jnp
-
 from mha_jax import _checks
-from mha_jax.masks import Structure, normalize_window
+from mha_jax.masks import Structure, check_structure, normalize_window
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
 from mha_jax.rope import rotary_size
@@ -51,14 +49,44 @@ def settle_structure(structure: Structure | None, **keywords) -> Structure:
     if not isinstance(structure, Structure):
         raise TypeError(f"structure must be an mha_jax.Structure; got {type(structure).__name__}")
     _checks.check_bool_flag("is_causal", structure.is_causal)
-    # Positions given as lists or NumPy become arrays; a Python int q_offset stays static.
-    q_offset = structure.q_offset
-    if not _checks.is_int(q_offset):
-        q_offset = _checks.as_array("q_offset", q_offset)
-    kv_length = None if structure.kv_length is None else _checks.as_array("kv_length", structure.kv_length)
-    return structure._replace(
-        q_offset=q_offset, kv_length=kv_length, window=normalize_window(structure.window)
+    # Arrays given as lists or NumPy become arrays; Python ints stay static.
+    as_array = lambda name, value: (
+        value if value is None or _checks.is_int(value) else _checks.as_array(name, value)
     )
+    segment_ids = structure.segment_ids
+    if isinstance(segment_ids, tuple | list):
+        if len(segment_ids) != 2:
+            raise _checks.fail("segment_ids", "be one int array, or a pair (q_segment_ids, kv_segment_ids)",
+                               f"a sequence of {len(segment_ids)}")  # fmt: skip
+        segment_ids = tuple(_checks.as_array("segment_ids", a) for a in segment_ids)
+    elif segment_ids is not None:
+        segment_ids = _checks.as_array("segment_ids", segment_ids)
+    chunk = structure.chunk
+    if chunk is not None and not (_checks.is_int(chunk) and chunk > 0):
+        raise _checks.fail("chunk", "be a positive int (static) or None", repr(chunk))
+    # kv_length and prefix are traced even when given as ints (no compilation per value);
+    # a Python int q_offset stays static (kernels that align top-left only can then run).
+    traced = lambda name, value: None if value is None else _checks.as_array(name, value)
+    return structure.replace(
+        q_offset=as_array("q_offset", structure.q_offset),
+        kv_length=traced("kv_length", structure.kv_length),
+        window=normalize_window(structure.window),
+        segment_ids=segment_ids,
+        chunk=None if chunk is None else int(chunk),
+        prefix=traced("prefix", structure.prefix),
+    )
+
+
+def as_positions(positions):
+    """RoPE positions as arrays: one (self-attention), or a `(q, k)` pair."""
+    if positions is None:
+        return None
+    if isinstance(positions, tuple | list):
+        if len(positions) != 2:
+            raise _checks.fail("positions", "be one int array, or a pair (q_positions, k_positions)",
+                               f"a sequence of {len(positions)}")  # fmt: skip
+        return tuple(_checks.as_array("positions", a) for a in positions)
+    return _checks.as_array("positions", positions)
 
 
 def effective(options: Options, deterministic) -> Options:
@@ -112,6 +140,7 @@ def check_call(
     options: Options,
     rng,
     return_weights,
+    positions=None,
     batch: int | None = None,
 ) -> Sizes:
     """Validate one example (`batch=None`) or a batch of `B` examples."""
@@ -171,30 +200,31 @@ def check_call(
     if bias is not None:
         _checks.check_floating("bias", bias)
         _checks.check_one_of_shapes("bias", bias, per_example)
-    check_positions(structure, batch)
+    check_structure(structure, length_q, length_k, batch)
+    check_rope_positions(positions, options, batch, length_q, length_k)
     if options.dropout_rate > 0.0 and rng is None:
         raise ValueError("rng must be given when dropout_rate > 0 and deterministic=False; got None")
     return Sizes(num_heads, num_kv_heads, head_dim, length_q, length_k)
 
 
-def check_positions(structure: Structure, batch: int | None) -> None:
-    """q_offset: an int scalar (or `[B]`); kv_length: an int scalar, `[B]` for a batch."""
-    batched = batch is not None
-    if structure.kv_length is not None:
-        _checks.check_integer("kv_length", structure.kv_length)
-        _checks.check_shape(
-            "kv_length",
-            structure.kv_length,
-            (batch,) if batched else (),
-            "[B]" if batched else "[] (a scalar)",
-        )
-    q_offset = structure.q_offset
-    _checks.check_integer("q_offset", q_offset)
-    if jnp.ndim(q_offset) not in ((0, 1) if batched else (0,)):
-        raise _checks.fail(
-            "q_offset",
-            "be a scalar" + (" or have shape [B]" if batched else ""),
-            f"shape {jnp.shape(q_offset)}",
-        )
-    if batched and jnp.ndim(q_offset) == 1:
-        _checks.check_shape("q_offset", q_offset, (batch,), "[B]")
+def check_rope_positions(
+    positions, options: Options, batch: int | None, length_q: int, length_k: int
+) -> None:
+    """`positions`: int `[Lq]` (self-attention) or a pair (`[Lq]`, `[Lk]`); `[B or 1, ...]`
+    for a batch. They move RoPE only: given without `options.rope`, they would be ignored."""
+    if positions is None:
+        return
+    if options.rope is None:
+        raise _checks.fail("positions", "come with options.rope (they move RoPE only; without it "
+                           "nothing reads them)", "rope=None")  # fmt: skip
+    pair = positions if isinstance(positions, tuple) else (positions, positions)
+    if not isinstance(positions, tuple) and length_q != length_k:
+        raise _checks.fail("positions", "be a pair (q_positions, k_positions) when Lq != Lk",
+                           f"one array, Lq={length_q}, Lk={length_k}")  # fmt: skip
+    for array, length, side in ((pair[0], length_q, "Lq"), (pair[1], length_k, "Lk")):
+        _checks.check_integer("positions", array)
+        if batch is None:
+            _checks.check_shape("positions", array, (length,), f"[{side}]")
+        else:
+            _checks.check_one_of_shapes("positions", array, [(f"[B, {side}]", (batch, length)),
+                                                             (f"[1, {side}]", (1, length))])  # fmt: skip

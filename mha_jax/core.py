@@ -16,19 +16,17 @@ to the unchecked data path.
 from __future__ import annotations
 
 import functools
-from typing import Literal, overload
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
-from mha_jax import _checks, _validate, kernels, masks
-from mha_jax.frame import normalize_qk, rotate
+from mha_jax import _checks, _validate, frame, kernels, masks
 from mha_jax.masks import Structure
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
-from mha_jax.stages import merge_project, project_heads
 
 
 @overload
@@ -44,6 +42,7 @@ def attention(
     q_offset: int | ArrayLike = 0,
     kv_length: int | ArrayLike | None = None,
     window: int | tuple[int, int] | None = None,
+    positions: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
     scale: float | None = None,
     dropout_rate: float = 0.0,
     rng: ArrayLike | None = None,
@@ -67,6 +66,7 @@ def attention(
     q_offset: int | ArrayLike = 0,
     kv_length: int | ArrayLike | None = None,
     window: int | tuple[int, int] | None = None,
+    positions: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
     scale: float | None = None,
     dropout_rate: float = 0.0,
     rng: ArrayLike | None = None,
@@ -89,6 +89,7 @@ def attention(
     q_offset=0,
     kv_length=None,
     window=None,
+    positions=None,
     scale=None,
     dropout_rate=0.0,
     rng=None,
@@ -105,7 +106,10 @@ def attention(
     num_heads: H; the kv head count Hkv follows from `params.w_k`.
     mask:      bool [Lq, Lk] or [H, Lq, Lk], True = may attend.
     bias:      float [Lq, Lk] or [H, Lq, Lk] added to the scaled scores (-inf hides a key).
-    is_causal, q_offset, kv_length, window: the mask rules, or `structure=Structure(...)`.
+    is_causal, q_offset, kv_length, window: the mask rules, or `structure=Structure(...)`
+               (which also holds segment_ids, chunk and prefix).
+    positions: int [Lq] RoPE positions (self-attention), or a pair ([Lq], [Lk]); default
+               `q_offset + i` and `j`. Packed documents restart them. Needs `options.rope`.
     scale, dropout_rate, dtype, implementation: the settings, or `options=Options(...)`.
     rng, deterministic: dropout on the weights runs when not deterministic, with `rng`.
     return_weights: also return the weights [H, Lq, Lk] (same numbers either way).
@@ -130,6 +134,7 @@ def attention(
     x_kv = x_q if x_kv is None else _checks.as_array("x_kv", x_kv)
     mask = None if mask is None else _checks.as_array("mask", mask)
     bias = None if bias is None else _checks.as_array("bias", bias)
+    positions = _validate.as_positions(positions)
     _validate.check_call(
         params,
         x_q,
@@ -141,18 +146,19 @@ def attention(
         options=options,
         rng=rng,
         return_weights=return_weights,
+        positions=positions,
     )
-    # A batch of one: the example's arrays gain a leading axis, its scalars are shared.
+    # A batch of one: the example's arrays gain a leading axis; the rules are shared.
     one = lambda a: None if a is None else a[None]
-    examples = (one(mask), one(bias), structure.q_offset, structure.kv_length, rng)
-    axes = (_axis(mask), _axis(bias), None, None, None)
+    examples = Examples(one(mask), one(bias), structure, rng)
+    axes = Examples(_axis(mask), _axis(bias), SHARED, None)
     out, weights = _forward(
         params,
         x_q[None],
         x_kv[None],
         examples,
         axes,
-        rules=structure._replace(q_offset=0, kv_length=None),
+        positions=None if positions is None else tuple(a[None] for a in _position_pair(positions)),
         options=options,
         num_heads=num_heads,
         return_weights=return_weights,
@@ -161,19 +167,37 @@ def attention(
     return (out, weights) if return_weights else out
 
 
+class Examples(NamedTuple):
+    """What each example of a batch brings besides its inputs (vmapped, or shared). As axes:
+    the structure's entry says whether its arrays are a batch's (BATCHED) or shared."""
+
+    mask: Array | None
+    bias: Array | None
+    structure: Structure | str
+    rng: Array | None
+
+
+BATCHED, SHARED = "batched", "shared"  # a structure's axes: see structure_axis
+
+
 def _axis(x, shared: bool = False) -> int | None:
     """vmap's in_axis for a per-example argument: 0, or None when absent, shared or a scalar."""
     return None if x is None or shared or jnp.ndim(x) == 0 else 0
+
+
+def _position_pair(positions):
+    """`(q [.., Lq], k [.., Lk])` from one array (self-attention) or a pair."""
+    return tuple(positions) if isinstance(positions, tuple | list) else (positions, positions)
 
 
 def _forward(
     params,
     x_q,
     x_kv,
-    examples,
-    axes,
+    examples: Examples,
+    axes: Examples,
     *,
-    rules: Structure,
+    positions: tuple[Array, Array] | None,
     options: Options,
     num_heads: int,
     return_weights: bool,
@@ -181,60 +205,45 @@ def _forward(
     """The data path over a batch, unchecked:
     `[B, Lq, D], [B, Lk, D_kv] -> (out [B, Lq, D_out], weights [B, H, Lq, Lk] or None)`.
 
-    `examples` is (mask, bias, q_offset, kv_length, rng), each batched on axis 0
-    or shared, as `axes` says; `rules` is the static part of the structure (a
-    static q_offset stands when `examples` has none). Hiding inputs and the
-    attention itself are per-example functions, lifted with `jax.vmap`; the
-    projections are row-wise, so they take the batch as `B·L` rows.
+    The layer frame (`frame.layer`) with the batched call's two per-example steps, lifted
+    with `jax.vmap` over `examples` (each batched on axis 0 or shared, as `axes` says):
+    hiding the inputs no query may see, and the kernel call. RoPE positions default to
+    `q_offset + i` for queries and `k_offset + j` for keys.
     """
+
+    # The rules go to vmap as their leaves (their ints and static rules stay in the treedef).
+    leaves, treedef = jax.tree.flatten(examples.structure)
+    leaf_axes = (
+        [structure_axis(leaf) for leaf in leaves] if axes.structure is BATCHED else [None] * len(leaves)
+    )
 
     def per_example(f, *arrays):  # f(*arrays, mask, bias, structure, rng) over the batch
         def one(*args):
-            *arrays, mask, bias, q_offset, kv_length, rng = args
-            structure = rules._replace(
-                q_offset=rules.q_offset if q_offset is None else q_offset, kv_length=kv_length
-            )
-            return f(*arrays, mask, bias, structure, rng)
+            *arrays, mask, bias, leaves, rng = args
+            return f(*arrays, mask, bias, jax.tree.unflatten(treedef, leaves), rng)
 
-        return jax.vmap(one, in_axes=(0,) * len(arrays) + tuple(axes))(*arrays, *examples)
+        in_axes = (0,) * len(arrays) + (axes.mask, axes.bias, leaf_axes, axes.rng)
+        return jax.vmap(one, in_axes=in_axes)(*arrays, examples.mask, examples.bias, leaves, examples.rng)
 
-    dtype = x_q.dtype if options.dtype is None else options.dtype
-    params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+    def hide(x_q, x_kv):  # one example at a time: zero what no query may see
+        return per_example(lambda x_q, x_kv, mask, bias, structure, rng: zero_hidden_rows(
+            x_q, x_kv, mask, bias, structure), x_q, x_kv)  # fmt: skip
 
-    def hide(x_q, x_kv, mask, bias, structure, rng):  # one example: zero what no query may see
-        return zero_hidden_rows(x_q, x_kv, mask, bias, structure)
+    def attend(q, k, v):
+        def one(q, k, v, mask, bias, structure, rng):
+            return kernels.attend(q, k, v, mask=mask, bias=bias, structure=structure, options=options,
+                                  rng=rng, return_weights=return_weights)  # fmt: skip
 
-    x_q, x_kv = per_example(hide, x_q.astype(dtype), x_kv.astype(dtype))
-    (batch, length_q, _), length_k = x_q.shape, x_kv.shape[1]
-    num_kv_heads = params.w_k.shape[1] * num_heads // params.w_q.shape[1]
+        return per_example(one, q, k, v)  # heads [B, Lq, H, Dh], weights [B, H, Lq, Lk] or None
 
-    # project_heads(x, w, b, H) = split_heads(project(x, w, b), H) on the B·L rows
-    rows = lambda x: x.reshape(x.shape[0] * x.shape[1], x.shape[2])  # [B, L, D] -> [B·L, D]
-    q = project_heads(rows(x_q), params.w_q, params.b_q, num_heads)  # [B·Lq, H, Dh]
-    k = project_heads(rows(x_kv), params.w_k, params.b_k, num_kv_heads)  # [B·Lk, Hkv, Dh]
-    v = project_heads(rows(x_kv), params.w_v, params.b_v, num_kv_heads)  # [B·Lk, Hkv, Dh]
-    q, k = normalize_qk(params, q, k, options)
-    unrows = lambda x, length: x.reshape(batch, length, *x.shape[1:])
-
-    def attend(q, k, v, mask, bias, structure, rng):  # one example: RoPE, then the kernel call
-        q = rotate(q, structure.q_offset, options.rope)  # query i at position i + q_offset
-        k = rotate(k, 0, options.rope)  # key j at position j
-        return kernels.attend(
-            q,
-            k,
-            v,
-            mask=mask,
-            bias=bias,
-            structure=structure,
-            options=options,
-            rng=rng,
-            return_weights=return_weights,
-        )
-
-    heads, weights = per_example(attend, unrows(q, length_q), unrows(k, length_k), unrows(v, length_k))
-    # merge_project(heads, w, b) = project(merge_heads(heads), w, b) on the B·Lq rows
-    out = merge_project(heads.reshape(batch * length_q, *heads.shape[2:]), params.w_o, params.b_o)
-    return unrows(out, length_q), weights  # [B, Lq, D_out]
+    if options.rope is not None and positions is None:
+        batch, structure = x_q.shape[0], examples.structure
+        positions = (frame.default_positions(structure.q_offset, batch, x_q.shape[1]),
+                     frame.default_positions(structure.k_offset, batch, x_kv.shape[1]))  # fmt: skip
+    elif positions is not None:
+        positions = tuple(jnp.broadcast_to(p, (x_q.shape[0], p.shape[1])) for p in positions)
+    return frame.layer(params, x_q, x_kv, num_heads=num_heads, options=options, hide=hide, attend=attend,
+                       positions=positions)  # fmt: skip
 
 
 def zero_hidden_rows(x_q, x_kv, mask, bias, structure: Structure):
@@ -274,6 +283,7 @@ def batched_attention(
     q_offset: int | ArrayLike = 0,
     kv_length: ArrayLike | None = None,
     window: int | tuple[int, int] | None = None,
+    positions: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
     scale: float | None = None,
     dropout_rate: float = 0.0,
     rng: ArrayLike | None = None,
@@ -297,6 +307,7 @@ def batched_attention(
     q_offset: int | ArrayLike = 0,
     kv_length: ArrayLike | None = None,
     window: int | tuple[int, int] | None = None,
+    positions: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
     scale: float | None = None,
     dropout_rate: float = 0.0,
     rng: ArrayLike | None = None,
@@ -319,6 +330,7 @@ def batched_attention(
     q_offset=0,
     kv_length=None,
     window=None,
+    positions=None,
     scale=None,
     dropout_rate=0.0,
     rng=None,
@@ -335,8 +347,10 @@ def batched_attention(
     `[B, Lq, Lk]` or `[B, H, Lq, Lk]` (a leading 1 shares one across the
     batch), `kv_length` is `[B]`, `q_offset` a Python int (static: fixed loop
     bounds, and kernels that need 0 can run) or an int array, scalar or `[B]`
-    (traced). One dropout `rng` is split into one key per example. Returned
-    weights are `[B, H, Lq, Lk]`. Equal settings reuse one compilation.
+    (traced); a structure's segment ids are `[B, L]` (or a pair), its prefix an int or
+    `[B]`; `positions` is `[B, Lq]` (or `[1, Lq]`, shared; or a pair). One dropout
+    `rng` is split into one key per example. Returned weights are `[B, H, Lq, Lk]`.
+    Equal settings reuse one compilation.
     """
     structure, options = _validate.settle(
         structure,
@@ -362,6 +376,7 @@ def batched_attention(
         options=options,
         rng=rng,
         return_weights=return_weights,
+        positions=positions,
     )
     return (out, weights) if return_weights else out
 
@@ -378,6 +393,7 @@ def batched(
     options: Options,
     rng,
     return_weights: bool,
+    positions=None,
 ) -> tuple[Array, Array | None]:
     """`batched_attention` on settled values (the Flax modules call this):
     `(out [B, Lq, D_out], weights [B, H, Lq, Lk] or None)`."""
@@ -385,43 +401,39 @@ def batched(
         None if a is None else _checks.as_array(name, a)
         for name, a in (("x_q", x_q), ("x_kv", x_kv), ("mask", mask), ("bias", bias))
     ]
-    static = isinstance(structure.q_offset, int)
-    rules = structure._replace(q_offset=structure.q_offset if static else 0, kv_length=None)
+    # The one value check that needs concrete values: inside the jit they are traced.
+    masks.check_prefix(structure, jnp.shape(arrays[0] if arrays[1] is None else arrays[1])[-2])
     return _batched(
         _validate.as_params(params),
         *arrays,
-        None if static else structure.q_offset,
-        structure.kv_length,
+        structure,
         rng if options.dropout_rate > 0.0 else None,
+        _validate.as_positions(positions),
         num_heads=num_heads,
-        rules=rules,
         options=options,
         return_weights=return_weights,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "rules", "options", "return_weights"))
+@functools.partial(jax.jit, static_argnames=("num_heads", "options", "return_weights"))
 def _batched(
     params,
     x_q,
     x_kv,
     mask,
     bias,
-    q_offset,
-    kv_length,
+    structure: Structure,
     rng,
+    positions,
     *,
     num_heads: int,
-    rules: Structure,
     options: Options,
     return_weights: bool,
 ):
-    """The jitted batch: validated at trace time, then the data path `_forward`.
-    `rules` holds the static part of the structure; `q_offset` (when traced) and
-    `kv_length` come as arrays."""
+    """The jitted batch: validated at trace time, then the data path `_forward`. The
+    structure travels whole: its static rules key the compilation, its arrays are traced."""
     x_kv = x_q if x_kv is None else x_kv
     batch = x_q.shape[0] if jnp.ndim(x_q) else 0
-    structure = rules._replace(q_offset=rules.q_offset if q_offset is None else q_offset, kv_length=kv_length)
     _validate.check_call(
         params,
         x_q,
@@ -433,22 +445,29 @@ def _batched(
         options=options,
         rng=rng,
         return_weights=return_weights,
+        positions=positions,
         batch=batch,
     )
     rngs = None if rng is None else jax.random.split(rng, batch)
     # A leading axis of 1 (when B != 1) is shared by every example, not vmapped.
     shared = [x is not None and x.shape[0] == 1 and batch != 1 for x in (mask, bias)]
     mask, bias = (x[0] if share else x for x, share in zip((mask, bias), shared, strict=True))
-    examples = (mask, bias, q_offset, kv_length, rngs)
-    axes = (_axis(mask, shared[0]), _axis(bias, shared[1]), _axis(q_offset), _axis(kv_length), _axis(rngs))
+    examples = Examples(mask, bias, structure, rngs)
+    axes = Examples(_axis(mask, shared[0]), _axis(bias, shared[1]), BATCHED, _axis(rngs))
     return _forward(
         params,
         x_q,
         x_kv,
         examples,
         axes,
-        rules=rules,
+        positions=None if positions is None else _position_pair(positions),
         options=options,
         num_heads=num_heads,
         return_weights=return_weights,
     )
+
+
+def structure_axis(leaf) -> int | None:
+    """vmap's in_axis for one array of a batch's rules: 0 with a leading B (kv_length,
+    q_offset and prefix `[B]`, segment ids `[B, L]`), None for a shared scalar."""
+    return None if jnp.ndim(leaf) == 0 else 0

@@ -1,20 +1,75 @@
-"""The layer frame's per-head stages between the projections and the kernel: QK-norm, then
-RoPE, on `[L, H, Dh]` heads (one example's rows, or a batch's B·L rows for QK-norm).
+"""The layer frame: one function runs every attention layer's data path, around an attend step
+that each entrance plugs in (the batched call, the decode step, the mesh layer):
 
-    q, k = normalize_qk(params, q, k, options)              # when params hold q_norm, k_norm
-    q = rotate(q, positions, options.rope)                  # query i at positions[i]
+    x_q [B, Lq, D], x_kv [B, Lk, D_kv]
+      ─ cast to the computation dtype, hide(x_q, x_kv): zero the inputs no query may see
+      ─ project_heads on the B·L rows ─► q [B, Lq, H, Dh], k and v [B, Lk, Hkv, Dh]
+      ─ QK-norm (when the params hold its scales), then RoPE at the given positions
+      ─ attend(q, k, v) ─► heads [B, Lq, H, Dh] (and whatever the step returns besides)
+      ─ merge_project on the B·Lq rows, reduce (the mesh layer's sum over head shards), + b_o
+      ─► out [B, Lq, D_out]
 
-The batched call, the decode step and the mesh layer all run these, in this order.
+Hiding inputs first matters: masking the scores cannot stop `0 · NaN` in the projections'
+gradients when padding holds garbage (pytorch#101967). The stages are called unchecked: each
+entrance validated its call once, at its boundary.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import jax
 import jax.numpy as jnp
+from jax import Array
 
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
 from mha_jax.qk_norm import qk_norm
-from mha_jax.rope import RoPE, apply_rope
+from mha_jax.rope import apply_rope
+from mha_jax.stages import merge_project, project_heads
+
+
+def layer(
+    params: MHAParams,
+    x_q: Array,
+    x_kv: Array,
+    *,
+    num_heads: int,
+    options: Options,
+    hide: Callable[[Array, Array], tuple[Array, Array]],
+    attend: Callable[[Array, Array, Array], tuple[Array, Any]],
+    positions: tuple[Array, Array] | None = None,
+    reduce: Callable[[Array], Array] | None = None,
+) -> tuple[Array, Any]:
+    """`[B, Lq, D], [B, Lk, D_kv] -> (out [B, Lq, D_out], what attend returned besides the heads)`.
+
+    num_heads: the query heads these params hold (a mesh device's share of them); the kv
+    head count follows from `params.w_k`. positions: `(q [B, Lq], k [B, Lk])` int RoPE
+    positions, needed when `options.rope` is set.
+    """
+    dtype = x_q.dtype if options.dtype is None else options.dtype
+    params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+    x_q, x_kv = hide(x_q.astype(dtype), x_kv.astype(dtype))
+    (batch, length_q, _), length_k = x_q.shape, x_kv.shape[1]
+    num_kv_heads = params.w_k.shape[1] * num_heads // params.w_q.shape[1]
+
+    rows = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # [B, L, ...] -> [B·L, ...]
+    unrows = lambda x, length: x.reshape(batch, length, *x.shape[1:])
+    q = project_heads(rows(x_q), params.w_q, params.b_q, num_heads)  # [B·Lq, H, Dh]
+    k = project_heads(rows(x_kv), params.w_k, params.b_k, num_kv_heads)  # [B·Lk, Hkv, Dh]
+    v = project_heads(rows(x_kv), params.w_v, params.b_v, num_kv_heads)  # [B·Lk, Hkv, Dh]
+    q, k = normalize_qk(params, q, k, options)
+    q, k, v = unrows(q, length_q), unrows(k, length_k), unrows(v, length_k)
+    if options.rope is not None:  # each row at its own position
+        rotate = jax.vmap(apply_rope, in_axes=(0, 0, None))
+        q, k = rotate(q, positions[0], options.rope), rotate(k, positions[1], options.rope)
+
+    heads, extra = attend(q, k, v)  # [B, Lq, H, Dh]
+    out = merge_project(rows(heads), params.w_o, None)  # [B·Lq, D_out]
+    out = out if reduce is None else reduce(out)
+    out = out if params.b_o is None else out + params.b_o
+    return unrows(out, length_q), extra  # [B, Lq, D_out]
 
 
 def normalize_qk(params: MHAParams, q, k, options: Options):
@@ -25,9 +80,8 @@ def normalize_qk(params: MHAParams, q, k, options: Options):
             qk_norm(k, params.k_norm, eps=options.qk_norm_eps))  # fmt: skip
 
 
-def rotate(x, first_position, rope: RoPE | None):
-    """RoPE of one example's `[L, H, Dh]` heads at positions `first_position + arange(L)`."""
-    if rope is None:
-        return x
-    positions = jnp.arange(x.shape[0], dtype=jnp.int32) + jnp.asarray(first_position, jnp.int32)
-    return apply_rope(x, positions, rope)
+def default_positions(offset, batch: int, length: int) -> Array:
+    """`[B, L]` positions `offset + arange(L)`, for an int offset, a scalar or `[B]`."""
+    offset = jnp.asarray(offset, jnp.int32)
+    offset = offset[:, None] if offset.ndim == 1 else offset
+    return jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))

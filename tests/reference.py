@@ -2,9 +2,9 @@
 formula, sharing nothing with mha_jax but the conventions.
 
 The conventions, in one place: a key is hidden from a query when the mask
-says False, when the structure (causal, window, kv_length) rules it out, or
-when its additive bias is -inf; a query row with no key left outputs zero
-heads (zero weights).
+says False, when the structure (causal with its prefix, window, kv_length,
+chunk, segment ids) rules it out, or when its additive bias is -inf; a query
+row with no key left outputs zero heads (zero weights).
 """
 
 from __future__ import annotations
@@ -29,19 +29,33 @@ def visible_np(
     q_offset=0,
     kv_length=None,
     window=None,
+    segment_ids=None,
+    chunk=None,
+    prefix=None,
 ):
-    """`[H, Lq, Lk]` bool: may query i see key j in head h? Loops, not tricks."""
+    """`[H, Lq, Lk]` bool: may query i see key j in head h? Loops, not tricks.
+
+    Query i sits at position i + q_offset, key j at j. is_causal: j <= position, or j <
+    prefix (a bidirectional prefix); chunk: both in the same block of `chunk` positions
+    (position // chunk == j // chunk); segment_ids (one array, or a (queries, keys) pair):
+    the same id."""
     if isinstance(window, int):
         window = (window, window)
+    if segment_ids is not None and not isinstance(segment_ids, tuple | list):
+        segment_ids = (segment_ids, segment_ids)
     allowed = np.ones((num_heads, length_q, length_k), dtype=bool)
     for i in range(length_q):
         pos = i + int(q_offset)
         for j in range(length_k):
-            if is_causal and j > pos:
+            if is_causal and j > pos and not (prefix is not None and j < int(prefix)):
                 allowed[:, i, j] = False
             if kv_length is not None and j >= int(kv_length):
                 allowed[:, i, j] = False
             if window is not None and not (pos - window[0] <= j <= pos + window[1]):
+                allowed[:, i, j] = False
+            if chunk is not None and pos // chunk != j // chunk:
+                allowed[:, i, j] = False
+            if segment_ids is not None and int(segment_ids[0][i]) != int(segment_ids[1][j]):
                 allowed[:, i, j] = False
     if mask is not None:
         allowed &= np.broadcast_to(np.asarray(mask, bool), allowed.shape)
@@ -63,8 +77,10 @@ def core_np(
     window=None,
     scale=None,
     softcap=None,
+    **rules,
 ):
-    """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk])` in float64."""
+    """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk])` in float64.
+    `rules`: segment_ids, chunk, prefix (see `visible_np`)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     length_q, num_heads, head_dim = q.shape
     length_k, num_kv_heads = k.shape[:2]
@@ -80,6 +96,7 @@ def core_np(
         q_offset=q_offset,
         kv_length=kv_length,
         window=window,
+        **rules,
     )
     bias = (
         np.zeros((num_heads, length_q, length_k))
@@ -118,8 +135,10 @@ def attention_np(
     window=None,
     scale=None,
     softcap=None,
+    **rules,
 ):
-    """One example, float64. Returns (out [Lq, D_out], weights [H, Lq, Lk])."""
+    """One example, float64. Returns (out [Lq, D_out], weights [H, Lq, Lk]).
+    `rules`: segment_ids, chunk, prefix (see `visible_np`)."""
     f64 = lambda a: None if a is None else np.asarray(a, dtype=np.float64)
     x_q = f64(x_q)
     x_kv = x_q if x_kv is None else f64(x_kv)
@@ -143,6 +162,7 @@ def attention_np(
         window=window,
         scale=scale,
         softcap=softcap,
+        **rules,
     )
     out = heads.reshape(heads.shape[0], -1) @ w_o + b(params.b_o, w_o.shape[1])
     return out, weights

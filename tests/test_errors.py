@@ -357,7 +357,7 @@ HELPERS = {  # name: (function, valid arguments, {argument: wrong values})
         "q": [Q[0], Q.astype(jnp.int32)], "k": [jnp.ones((Lk, 3, Dh)), K[..., :2]],
         "v": [V[:-1], V.astype(jnp.int8)], "mask": [jnp.ones((Lq, Lk)), jnp.ones((Lq, Lk - 1), bool)],
         "bias": [jnp.ones((Lq, Lk), bool), jnp.ones((5, Lq, Lk))], "scale": [float("inf"), "1"],
-        "softcap": [0.0, -1.0], "structure": [(True, 0), mj.Structure(q_offset=1.5)],
+        "softcap": [0.0, -1.0], "structure": [(True, 0), mj.Structure(q_offset=jnp.array(1.5))],
         "block_sizes": [(0, 8), 8]}),
     "causal_mask": (mj.masks.causal_mask, dict(length_q=Lq), {
         "length_q": [-1, 2.5, None], "length_k": [-3]}),

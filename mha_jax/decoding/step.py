@@ -38,22 +38,17 @@ What a step trusts, and what it does with values it cannot check:
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
-from mha_jax import _checks, _validate, kernels
+from mha_jax import _checks, _validate, frame, kernels
 from mha_jax.decoding.cache import KVCache, append, check_room, raise_if_full
 from mha_jax.decoding.scan import SCAN_MAX_NEW, scan_cache
-from mha_jax.frame import normalize_qk
 from mha_jax.masks import Structure, normalize_window
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
-from mha_jax.rope import apply_rope
-from mha_jax.stages import merge_project, project_heads
 
 
 def cached_attention(
@@ -143,47 +138,34 @@ def check_cache(cache: KVCache, batch: int, sizes: _validate.Sizes) -> KVCache:
 
 
 def _cached(params, x, cache: KVCache, lengths, positions, *, num_heads, window, options: Options):
-    """The data path, unchecked: `lengths` in [0, T] and `cache.length` in [0, S], int32."""
-    dtype = x.dtype if options.dtype is None else options.dtype
-    params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+    """The data path, unchecked (`lengths` in [0, T] and `cache.length` in [0, S], int32): the
+    layer frame with the decode step's attend, which appends the new keys and values (rotated:
+    the cache holds rotated keys, so they are never rotated again) and attends to the cache."""
     batch, new, _ = x.shape
     kept = jnp.arange(new) < lengths[:, None]  # [B, T]: the real rows of a ragged batch
-    x = jnp.where(kept[..., None], x.astype(dtype), 0)  # padding holds anything: zero it
-    num_kv_heads = cache.k.shape[2]
-
-    rows = x.reshape(batch * new, x.shape[2])  # [B·T, D]
-    q = project_heads(rows, params.w_q, params.b_q, num_heads)  # [B·T, H, Dh]
-    k = project_heads(rows, params.w_k, params.b_k, num_kv_heads)  # [B·T, Hkv, Dh]
-    v = project_heads(rows, params.w_v, params.b_v, num_kv_heads)  # [B·T, Hkv, Dh]
-    q, k = normalize_qk(params, q, k, options)
-    unrows = lambda a: a.reshape(batch, new, *a.shape[1:])
     if positions is None:
         positions = cache.length[:, None] + jnp.arange(new, dtype=jnp.int32)  # [B, T]
-    # The cache holds rotated keys: rotate the new ones here, never again.
-    plain = dataclasses.replace(options, rope=None)
 
-    def prepare(q, k, v, k_cache, v_cache, length, count, positions):  # one example
-        if options.rope is not None:
-            q, k = apply_rope(q, positions, options.rope), apply_rope(k, positions, options.rope)
-        k_cache, v_cache, filled = append(k_cache, v_cache, length, k, v, count)
-        return q, k_cache, v_cache, filled
+    def hide(x, _):  # padding rows hold anything: zero them
+        x = jnp.where(kept[..., None], x, 0)
+        return x, x
 
-    def attend(q, k_cache, v_cache, length, filled):  # one example
+    def attend(q, k, v):  # q [B, T, H, Dh], k and v [B, T, Hkv, Dh]
+        k_cache, v_cache, filled = jax.vmap(append)(cache.k, cache.v, cache.length, k, v, lengths)
+        if uses_scan(options, new, k_cache.shape[1], jnp.result_type(q, k_cache)):  # one loop for the batch
+            heads = scan_cache(q, k_cache, v_cache, cache.length, filled, window=window, options=options)
+        else:
+            heads = jax.vmap(one)(q, k_cache, v_cache, cache.length, filled)  # [B, T, H, Dh]
+        return jnp.where(kept[..., None, None], heads, 0), KVCache(k_cache, v_cache, filled)
+
+    def one(q, k_cache, v_cache, length, filled):  # one example: causal over the filled slots
         structure = Structure(is_causal=True, q_offset=length, kv_length=filled, window=window)
         heads, _ = kernels.attend(q, k_cache, v_cache, mask=None, bias=None, structure=structure,
-                                  options=plain, rng=None, return_weights=False)  # fmt: skip
+                                  options=options, rng=None, return_weights=False)  # fmt: skip
         return heads
 
-    q, k_cache, v_cache, filled = jax.vmap(prepare)(
-        unrows(q), unrows(k), unrows(v), cache.k, cache.v, cache.length, lengths, positions
-    )  # q [B, T, H, Dh], caches [B, S, Hkv, Dh], filled [B]
-    if uses_scan(options, new, k_cache.shape[1], jnp.result_type(q, k_cache)):  # one loop for the batch
-        heads = scan_cache(q, k_cache, v_cache, cache.length, filled, window=window, options=plain)
-    else:
-        heads = jax.vmap(attend)(q, k_cache, v_cache, cache.length, filled)  # [B, T, H, Dh]
-    heads = jnp.where((jnp.arange(new) < lengths[:, None])[..., None, None], heads, 0)  # padding rows
-    out = merge_project(heads.reshape(batch * new, *heads.shape[2:]), params.w_o, params.b_o)
-    return out.reshape(batch, new, -1), KVCache(k_cache, v_cache, filled)
+    return frame.layer(params, x, x, num_heads=num_heads, options=options, hide=hide, attend=attend,
+                       positions=(positions, positions))  # fmt: skip
 
 
 def uses_scan(options: Options, new: int, capacity: int, dtype: DTypeLike = jnp.float32) -> bool:

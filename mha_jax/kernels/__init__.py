@@ -107,7 +107,7 @@ def attend(
     """
     length_q, length_k = q.shape[0], k.shape[0]
     if structure.kv_length is not None:
-        structure = structure._replace(kv_length=jnp.clip(structure.kv_length, 0, length_k))
+        structure = structure.replace(kv_length=jnp.clip(structure.kv_length, 0, length_k))
     request = Request.of(
         q, k, mask=mask, bias=bias, structure=structure, options=options, return_weights=return_weights
     )

@@ -26,7 +26,7 @@ from jax import Array
 
 from mha_jax import _checks
 from mha_jax.kernels.request import Request, fused_limits
-from mha_jax.masks import Structure
+from mha_jax.masks import Structure, check_structure
 from mha_jax.stages import fold_scale, soft_cap
 
 
@@ -38,8 +38,6 @@ class Config(NamedTuple):
     length_q: int
     length_k: int
     scale: float
-    is_causal: bool
-    window: tuple[int, int] | None
     softcap: float | None = None
 
 
@@ -83,7 +81,7 @@ def blockwise_attention(
     )
     _checks.check_mask_and_bias(mask, bias, q.shape[1], q.shape[0], k.shape[0])
     structure = Structure() if structure is None else structure
-    _check_structure(structure)
+    check_structure(structure, q.shape[0], k.shape[0], name="structure.")
     if scale is not None:
         _checks.check_finite_real("scale", scale)
     if softcap is not None:
@@ -91,27 +89,17 @@ def blockwise_attention(
     length_q, length_k = q.shape[0], k.shape[0]
     if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
         return jnp.zeros_like(q)
-    config, q_offset, kv_length = _setup(q, k, structure, scale, softcap, block_sizes)
+    config, structure = _setup(q, k, structure, scale, softcap, block_sizes)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, length_q, length_k))
     if bias is not None:
         bias = jnp.broadcast_to(bias, (bias.shape[0] if bias.ndim == 3 else 1, length_q, length_k))
-    return _flash(q, k, v, mask, bias, q_offset, kv_length, config)
-
-
-def _check_structure(structure) -> None:
-    """The rules of a direct call: a Structure with integer scalar positions."""
-    if not isinstance(structure, Structure):
-        raise TypeError(f"structure must be an mha_jax.Structure; got {type(structure).__name__}")
-    for name in ("q_offset", "kv_length"):
-        value = getattr(structure, name)
-        if value is not None:
-            _checks.check_integer(f"structure.{name}", value)
-            _checks.check_shape(f"structure.{name}", value, (), "[] (a scalar, for one example)")
+    return _flash(q, k, v, mask, bias, structure, config)
 
 
 def _setup(q, k, structure: Structure, scale, softcap, block_sizes):
-    """(Config, q_offset, kv_length) of a call: what `blockwise_attention` and the pieces share."""
+    """(Config, structure) of a call: what `blockwise_attention` and the pieces share. The
+    structure's positions become int32 arrays and its kv_length is always set."""
     length_q, _, head_dim = q.shape
     length_k = k.shape[0]
     if block_sizes is not None:
@@ -123,18 +111,18 @@ def _setup(q, k, structure: Structure, scale, softcap, block_sizes):
         length_q=length_q,
         length_k=length_k,
         scale=head_dim**-0.5 if scale is None else float(scale),
-        is_causal=structure.is_causal,
-        window=structure.window,
         softcap=None if softcap is None else float(softcap),
     )
     # Positions are int32 whatever jax_enable_x64 says: block indices mix with them.
-    q_offset = jnp.asarray(structure.q_offset, jnp.int32)
+    positions = {name: jnp.asarray(getattr(structure, name), jnp.int32) for name in ("q_offset", "k_offset")}
+    if structure.prefix is not None:
+        positions["prefix"] = jnp.asarray(structure.prefix, jnp.int32)
     # kv_length beyond Lk means "no padding", as in the reference: clamp, so the
     # zero keys that pad the last block are never taken for real ones.
     kv_length = jnp.clip(
         jnp.asarray(length_k if structure.kv_length is None else structure.kv_length), 0, length_k
     ).astype(jnp.int32)
-    return config, q_offset, kv_length
+    return config, structure.replace(kv_length=kv_length, **positions)
 
 
 # ---------------------------------------------------------------------------
@@ -188,11 +176,6 @@ def _slice_block(x: Array | None, i, j, config: Config):
         return None
     start = (jnp.int32(0), i * config.block_q, j * config.block_k)  # int32: see blockwise_attention
     return jax.lax.dynamic_slice(x, start, (x.shape[0], config.block_q, config.block_k))
-
-
-def _structure(q_offset, kv_length, config: Config) -> Structure:
-    """The call's rules with its traced positions (kv_length clamped to [0, Lk])."""
-    return Structure(config.is_causal, q_offset, kv_length, config.window)
 
 
 def _ceil_div(a, b):
@@ -312,8 +295,7 @@ def _key_blocks(k, v, config: Config, in_place: bool):
     return kv
 
 
-def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
-    structure = _structure(q_offset, kv_length, config)
+def _forward(q, k, v, mask, bias, structure: Structure, config: Config):
     num_kv_heads = k.shape[1]
     q, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
@@ -372,8 +354,7 @@ def _forward(q, k, v, mask, bias, q_offset, kv_length, config: Config):
 
 
 def _backward(config: Config, residuals, d_out):
-    q, k, v, mask, bias, q_offset, kv_length, out, lse_blocks = residuals
-    structure = _structure(q_offset, kv_length, config)
+    q, k, v, mask, bias, structure, out, lse_blocks = residuals
     num_kv_heads = k.shape[1]
     q_scaled, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q_scaled, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
@@ -439,7 +420,7 @@ def _backward(config: Config, residuals, d_out):
     dv = _kv_unblock(dv_blocks, config.length_k).astype(v.dtype)
     if dbias is not None:
         dbias = dbias[:, : config.length_q, : config.length_k].astype(bias.dtype)
-    return dq, dk, dv, None, dbias, None, None
+    return dq, dk, dv, None, dbias, None
 
 
 # ---------------------------------------------------------------------------
@@ -459,16 +440,16 @@ def _one_example_at_a_time(fn, config: Config):
     return jax.custom_batching.sequential_vmap(fn)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(q, k, v, mask, bias, q_offset, kv_length, config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, mask, bias, structure, config):
     forward = _one_example_at_a_time(functools.partial(_forward, config=config), config)
-    return forward(q, k, v, mask, bias, q_offset, kv_length)[0]
+    return forward(q, k, v, mask, bias, structure)[0]
 
 
-def _flash_fwd(q, k, v, mask, bias, q_offset, kv_length, config):
+def _flash_fwd(q, k, v, mask, bias, structure, config):
     forward = _one_example_at_a_time(functools.partial(_forward, config=config), config)
-    out, lse = forward(q, k, v, mask, bias, q_offset, kv_length)
-    return out, (q, k, v, mask, bias, q_offset, kv_length, out, lse)
+    out, lse = forward(q, k, v, mask, bias, structure)
+    return out, (q, k, v, mask, bias, structure, out, lse)
 
 
 def _flash_bwd(config, residuals, d_out):
@@ -503,8 +484,8 @@ def attention_with_lse(
     Two pieces merge as `lse = logaddexp(lse_a, lse_b)`,
     `out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)`. No VJP: a caller that
     differentiates defines one with `attention_backward_with_lse`."""
-    config, q_offset, kv_length = _setup(q, k, structure, scale, softcap, block_sizes)
-    out, lse_blocks = _forward(q, k, v, None, None, q_offset, kv_length, config)
+    config, structure = _setup(q, k, structure, scale, softcap, block_sizes)
+    out, lse_blocks = _forward(q, k, v, None, None, structure, config)
     nq, num_heads, block_q = lse_blocks.shape
     lse = lse_blocks.transpose(0, 2, 1).reshape(nq * block_q, num_heads)[: config.length_q]  # [Lq, H]
     # The kernel marks a row that saw nothing with +inf (its recomputed probabilities
@@ -529,12 +510,12 @@ def attention_backward_with_lse(
     `lse` span more keys than `k` holds: the probabilities recomputed from the total
     `lse` are the total softmax's, and `delta = rowsum(d_out·out)` is the total's too,
     so the pieces' `dq` add up to the whole `dq`, and each `dk`, `dv` is exact."""
-    config, q_offset, kv_length = _setup(q, k, structure, scale, softcap, block_sizes)
+    config, structure = _setup(q, k, structure, scale, softcap, block_sizes)
     nq = _round_up(config.length_q, config.block_q) // config.block_q
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # back to the kernel's mark for "saw nothing"
     lse_blocks = _pad_axis(lse, 0, nq * config.block_q, jnp.inf)
     lse_blocks = lse_blocks.reshape(nq, config.block_q, -1).transpose(0, 2, 1)  # [nq, H, Bq]
-    residuals = (q, k, v, None, None, q_offset, kv_length, out, lse_blocks)
+    residuals = (q, k, v, None, None, structure, out, lse_blocks)
     dq, dk, dv, *_ = _backward(config, residuals, d_out)
     return dq, dk, dv
 
@@ -548,10 +529,12 @@ def visited_blocks(
     """How many (query block, key block) tiles the forward computes for this structure
     (int32 scalar): the kernel's work, read from the same loop bounds it runs."""
     block_q, block_k = block_sizes or default_block_sizes(length_q, length_k)
-    config = Config(block_q, block_k, length_q, length_k, 1.0, structure.is_causal, structure.window)
-    q_offset = jnp.asarray(structure.q_offset, jnp.int32)
+    config = Config(block_q, block_k, length_q, length_k, 1.0)
     kv_length = length_k if structure.kv_length is None else structure.kv_length
-    rules = _structure(q_offset, jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, length_k), config)
+    rules = structure.replace(
+        q_offset=jnp.asarray(structure.q_offset, jnp.int32),
+        kv_length=jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, length_k),
+    )
     rows = jnp.arange(_round_up(length_q, block_q) // block_q, dtype=jnp.int32)
     lo, _, _, hi = _kv_blocks_of(rows, rules, False, config)
     return jnp.sum(hi - lo)

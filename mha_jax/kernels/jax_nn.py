@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mha_jax import masks
-from mha_jax.kernels.request import Request, float32_softmax_limits, library_kernel_limits
+from mha_jax.kernels.request import Request, float32_softmax_limits, library_kernel_limits, rule_limits
 
 
 def xla_cannot(request: Request) -> list[str]:
@@ -51,7 +51,7 @@ def xla_run(q, k, v, *, mask, bias, structure, options, rng):
 
 
 def cudnn_cannot(request: Request) -> list[str]:
-    reasons = library_kernel_limits(request)
+    reasons = library_kernel_limits(request) + rule_limits(request)
     structure = request.structure
     if request.backend != "gpu":
         reasons.append(f"run on backend {request.backend!r} (it needs a GPU)")

@@ -13,13 +13,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mha_jax.kernels.request import Request, float32_softmax_limits, library_kernel_limits
+from mha_jax.kernels.request import Request, float32_softmax_limits, library_kernel_limits, rule_limits
 
 BLOCK = 128
 
 
 def cannot(request: Request) -> list[str]:
-    reasons = library_kernel_limits(request) + float32_softmax_limits(request)
+    reasons = library_kernel_limits(request) + float32_softmax_limits(request) + rule_limits(request)
     structure = request.structure
     if request.backend not in ("gpu", "tpu", "cpu"):
         reasons.append(f"run on backend {request.backend!r}")

@@ -82,3 +82,11 @@ def float32_softmax_limits(request: Request) -> list[str]:
     if request.dtype == jnp.float64:
         return ["compute in float64 (its softmax runs in float32)"]
     return []
+
+
+def rule_limits(request: Request) -> list[str]:
+    """For the library kernels, which take none of these rules (a dense form of them would be
+    O(L²), which is what they exist to avoid): packed segment ids, chunks, a prefix."""
+    structure = request.structure
+    given = [name for name in ("segment_ids", "chunk", "prefix") if getattr(structure, name) is not None]
+    return [f"take {', '.join(given)} (use the blockwise kernel)"] if given else []

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import Array
 from jax.sharding import PartitionSpec as P
 
-from mha_jax import _checks, _validate
+from mha_jax import _checks, _validate, frame
 from mha_jax.kernels.blockwise import blockwise_attention
 from mha_jax.masks import Structure, normalize_window
 from mha_jax.options import Options
@@ -40,9 +40,6 @@ from mha_jax.parallel.layout import Layout, check_layout_for
 from mha_jax.parallel.ring import ring_attention
 from mha_jax.parallel.ulysses import all_to_all_attention, check_heads
 from mha_jax.params import MHAParams
-from mha_jax.qk_norm import qk_norm
-from mha_jax.rope import apply_rope
-from mha_jax.stages import merge_project, project_heads
 
 CONTEXTS = {"ring": ring_attention, "all_to_all": all_to_all_attention, "all_gather": all_gather_attention}
 
@@ -190,41 +187,37 @@ def _plan(params, x_q, x_kv, mesh, num_heads, data_axis, seq_axis, heads_axis, c
 
 
 def _on_each_device(params: MHAParams, x_q, x_kv, kv_length, *, plan: Plan):
-    """One device: `[b, Cq, D], [b, Ck, D_kv], [b] -> [b, Cq, D_out]`."""
-    options = plan.options
-    dtype = x_q.dtype if options.dtype is None else options.dtype
-    params = jax.tree.map(lambda p: p.astype(dtype), params)
-    batch, chunk_q, chunk_k = x_q.shape[0], x_q.shape[1], x_kv.shape[1]
-    local_heads = plan.num_heads // plan.heads_size
-    local_kv_heads = plan.num_kv_heads // plan.heads_size if plan.kv_split else 1
+    """One device: `[b, Cq, D], [b, Ck, D_kv], [b] -> [b, Cq, D_out]`: the layer frame with
+    this device's heads, its rows' global positions, the sequence-parallel attend, and the
+    output projection's partial sums added over the heads axis."""
+    chunk_q, chunk_k = x_q.shape[1], x_kv.shape[1]
     replicated = dict(split=plan.kv_split, heads_axis=plan.heads_axis, axis_size=plan.heads_size)
     w_k, b_k = sharding.local_kv(params.w_k, params.b_k, num_kv_heads=plan.num_kv_heads, **replicated)
     w_v, b_v = sharding.local_kv(params.w_v, params.b_v, num_kv_heads=plan.num_kv_heads, **replicated)
     shard = 0 if plan.seq_axis is None else jax.lax.axis_index(plan.seq_axis)
     q_rows = plan.layout.positions(shard, chunk_q)  # [Cq] global row numbers of our queries
     k_rows = plan.layout.positions(shard, chunk_k)  # [Ck] and keys
-    hide = functools.partial(_hide_unseen_rows, q_rows=q_rows, k_rows=k_rows, plan=plan)
-    x_q, x_kv = jax.vmap(hide)(x_q.astype(dtype), x_kv.astype(dtype), kv_length)
 
-    rows = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # [b, C, ...] -> [b·C, ...]
-    q = project_heads(rows(x_q), params.w_q, params.b_q, local_heads)  # [b·Cq, H/h, Dh]
-    k = project_heads(rows(x_kv), w_k, b_k, local_kv_heads)  # [b·Ck, Hkv/h, Dh]
-    v = project_heads(rows(x_kv), w_v, b_v, local_kv_heads)  # [b·Ck, Hkv/h, Dh]
-    if params.q_norm is not None:
-        q = qk_norm(q, params.q_norm, eps=options.qk_norm_eps)
-        k = qk_norm(k, params.k_norm, eps=options.qk_norm_eps)
-    unrows = lambda x, length: x.reshape(batch, length, *x.shape[1:])
-    q, k, v = unrows(q, chunk_q), unrows(k, chunk_k), unrows(v, chunk_k)
-    if options.rope is not None:  # at the rows' global positions, whatever the layout
-        rotate = jax.vmap(apply_rope, in_axes=(0, None, None))
-        q, k = rotate(q, q_rows + plan.q_offset, options.rope), rotate(k, k_rows, options.rope)
-    heads = jax.vmap(functools.partial(_attend, plan=plan))(q, k, v, kv_length)  # [b, Cq, H/h, Dh]
-    # This device's heads times its rows of w_o: a partial sum of the output projection.
-    out = merge_project(rows(heads), params.w_o, None)  # [b·Cq, D_out]
-    if plan.heads_axis is not None:
-        out = jax.lax.psum(out, plan.heads_axis)
-    out = out if params.b_o is None else out + params.b_o
-    return unrows(out, chunk_q)  # [b, Cq, D_out]
+    def hide(x_q, x_kv):
+        return jax.vmap(functools.partial(_hide_unseen_rows, q_rows=q_rows, k_rows=k_rows, plan=plan))(
+            x_q, x_kv, kv_length
+        )
+
+    def attend(q, k, v):
+        return jax.vmap(functools.partial(_attend, plan=plan))(q, k, v, kv_length), None  # [b, Cq, H/h, Dh]
+
+    def reduce(out):  # this device's heads times its rows of w_o: a partial sum
+        return out if plan.heads_axis is None else jax.lax.psum(out, plan.heads_axis)
+
+    batch = x_q.shape[0]
+    positions = (  # RoPE at the rows' global positions, whatever the layout
+        jnp.broadcast_to(q_rows + plan.q_offset, (batch, chunk_q)),
+        jnp.broadcast_to(k_rows, (batch, chunk_k)),
+    )
+    local = params._replace(w_k=w_k, b_k=b_k, w_v=w_v, b_v=b_v)
+    out, _ = frame.layer(local, x_q, x_kv, num_heads=plan.num_heads // plan.heads_size, options=plan.options,
+                         hide=hide, attend=attend, positions=positions, reduce=reduce)  # fmt: skip
+    return out  # [b, Cq, D_out]
 
 
 def _attend(q, k, v, kv_length, *, plan: Plan):
