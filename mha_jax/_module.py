@@ -40,11 +40,13 @@ def forward(
     deterministic: bool | None,
     draw_rng,
     return_weights: bool,
+    positions=None,
 ):
     """The call both wrappers make: `[B, Lq, D]` or unbatched `[Lq, D]` -> (out, weights or None).
 
     `module` supplies num_heads, deterministic and sow_weights; `draw_rng()` is
     called only when dropout is on, so the module's random stream advances only then.
+    A Flax mask is taken as Flax means it (`flax_mask`).
     """
     deterministic = resolve_deterministic(deterministic, module.deterministic, options.dropout_rate)
     want_weights = return_weights or module.sow_weights
@@ -52,10 +54,12 @@ def forward(
     if jnp.ndim(x_q) not in (2, 3):
         raise _checks.fail("x_q", "have rank 3 [B, Lq, D] or rank 2 [Lq, D]", f"shape {jnp.shape(x_q)}")
     unbatched = jnp.ndim(x_q) == 2
+    mask = flax_mask(mask, jnp.ndim(x_q) + 1)
     if unbatched:  # one example: lend it a batch axis of 1
         add = lambda a: None if a is None else jnp.asarray(a)[None]
         x_q, x_kv, mask, bias = map(add, (x_q, x_kv, mask, bias))
         structure = jax.tree.map(add, structure)  # its arrays too: kv_length [1], segment ids [1, L]
+        positions = jax.tree.map(add, positions)
     out, weights = batched(
         params,
         x_q,
@@ -67,10 +71,26 @@ def forward(
         options=effective(options, deterministic),
         rng=None if deterministic else draw_rng(),
         return_weights=want_weights,
+        positions=positions,
     )
     if unbatched:
         out, weights = out[0], None if weights is None else weights[0]
     return out, weights
+
+
+def flax_mask(mask, rank: int):
+    """A mask as Flax's attention takes it: any dtype (nonzero = may attend, as Flax's
+    `jnp.where(mask, ...)` reads it), with a head axis of 1 or H (`nnx.make_causal_mask`
+    gives `[B, 1, Lq, Lk]`); `rank` is 4 for batched inputs, 3 for one example. Other shapes
+    pass through to the core's own checks."""
+    if mask is None:
+        return None
+    mask = _checks.as_array("mask", mask)
+    if mask.dtype != jnp.bool_:
+        mask = mask != 0
+    if mask.ndim == rank and mask.shape[-3] == 1:
+        mask = mask.squeeze(-3)  # one head axis for every head: the core's [B, Lq, Lk]
+    return mask
 
 
 def check_loaded(current: MHAParams, loaded: MHAParams) -> None:
@@ -86,9 +106,12 @@ def check_loaded(current: MHAParams, loaded: MHAParams) -> None:
 
 
 def check_decoding(x_kv, mask, bias, is_causal, q_offset, kv_length, structure, return_weights) -> None:
-    """Decoding is causal self-attention over the cache: its mask comes from the cache."""
+    """Decoding is causal self-attention over the cache: its mask comes from the cache
+    (`is_causal=True` says what it does anyway, and is accepted)."""
+    if is_causal is False:
+        raise _checks.fail("is_causal", "be True or left out when decoding (decoding is causal)", "False")
     given = [name for name, value, default in (
-        ("x_kv", x_kv, None), ("mask", mask, None), ("bias", bias, None), ("is_causal", is_causal, False),
+        ("x_kv", x_kv, None), ("mask", mask, None), ("bias", bias, None),
         ("q_offset", q_offset, 0), ("kv_length", kv_length, None), ("structure", structure, None),
         ("return_weights", return_weights, False),
     ) if value is not default and not (isinstance(value, int) and value == default)]  # fmt: skip

@@ -27,18 +27,35 @@ class Sizes(NamedTuple):
 
 
 STRUCTURE_KEYWORDS = dict(is_causal=False, q_offset=0, kv_length=None, window=None)
-OPTIONS_KEYWORDS = dict(scale=None, dropout_rate=0.0, dtype=None, implementation="auto")
+OPTIONS_KEYWORDS = dict(scale=None, dropout_rate=0.0, dtype=None, implementation="auto", rope=None)
 
 
 def settle(
     structure: Structure | None, options: Options | None, *, deterministic, **keywords
 ) -> tuple[Structure, Options]:
-    """(structure, options) from either the values or the friendly keywords, never both."""
+    """(structure, options) from the values and the friendly keywords: the rules from one or
+    the other, never both; the settings merged (`merge_options`)."""
     structure = settle_structure(structure, **{k: keywords[k] for k in STRUCTURE_KEYWORDS})
-    refuse_both(options, "options", OPTIONS_KEYWORDS, keywords)
-    if options is None:
-        options = Options(*(keywords[k] for k in OPTIONS_KEYWORDS))
+    options = merge_options(options, {k: keywords.get(k, OPTIONS_KEYWORDS[k]) for k in OPTIONS_KEYWORDS})
     return structure, effective(options, deterministic)
+
+
+def merge_options(options: Options | None, keywords: dict) -> Options:
+    """`options` with the settings given as keywords filled in. A keyword may set what
+    `options` leaves at its default (`dropout_rate=0.1, options=Options(rope=...)`); setting
+    one that `options` sets too, to another value, is an error naming both (nothing is
+    silently ignored)."""
+    if options is None:
+        options = Options()
+    if not isinstance(options, Options):
+        raise TypeError(f"options must be an mha_jax.Options; got {type(options).__name__}")
+    given = {k: value for k, value in keywords.items() if _given(value, OPTIONS_KEYWORDS[k])}
+    clash = [k for k, value in given.items() if _given(getattr(options, k), OPTIONS_KEYWORDS[k])
+             and getattr(options, k) != Options(**{k: value}).__getattribute__(k)]  # fmt: skip
+    if clash:
+        both = ", ".join(f"{k}={given[k]!r} and options.{k}={getattr(options, k)!r}" for k in clash)
+        raise ValueError(f"{', '.join(clash)} must be given once, as a keyword or in options=; got {both}")
+    return dataclasses.replace(options, **given) if given else options
 
 
 def settle_structure(structure: Structure | None, **keywords) -> Structure:

@@ -27,6 +27,7 @@ from mha_jax import _checks, _validate, frame, kernels, masks
 from mha_jax.masks import Structure
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
+from mha_jax.rope import RoPE
 
 
 @overload
@@ -49,6 +50,7 @@ def attention(
     deterministic: bool = True,
     dtype: DTypeLike | None = None,
     implementation: str = "auto",
+    rope: RoPE | None = None,
     return_weights: Literal[False] = False,
     structure: Structure | None = None,
     options: Options | None = None,
@@ -73,6 +75,7 @@ def attention(
     deterministic: bool = True,
     dtype: DTypeLike | None = None,
     implementation: str = "auto",
+    rope: RoPE | None = None,
     return_weights: Literal[True],
     structure: Structure | None = None,
     options: Options | None = None,
@@ -96,6 +99,7 @@ def attention(
     deterministic=True,
     dtype=None,
     implementation="auto",
+    rope=None,
     return_weights=False,
     structure=None,
     options=None,
@@ -110,7 +114,8 @@ def attention(
                (which also holds segment_ids, chunk and prefix).
     positions: int [Lq] RoPE positions (self-attention), or a pair ([Lq], [Lk]); default
                `q_offset + i` and `j`. Packed documents restart them. Needs `options.rope`.
-    scale, dropout_rate, dtype, implementation: the settings, or `options=Options(...)`.
+    scale, dropout_rate, dtype, implementation, rope: the settings, or `options=Options(...)`
+               (keywords fill in what the options leave at their defaults).
     rng, deterministic: dropout on the weights runs when not deterministic, with `rng`.
     return_weights: also return the weights [H, Lq, Lk] (same numbers either way).
 
@@ -128,6 +133,7 @@ def attention(
         dropout_rate=dropout_rate,
         dtype=dtype,
         implementation=implementation,
+        rope=rope,
     )
     params = _validate.as_params(params)
     x_q = _checks.as_array("x_q", x_q)
@@ -290,6 +296,7 @@ def batched_attention(
     deterministic: bool = True,
     dtype: DTypeLike | None = None,
     implementation: str = "auto",
+    rope: RoPE | None = None,
     return_weights: Literal[False] = False,
     structure: Structure | None = None,
     options: Options | None = None,
@@ -314,6 +321,7 @@ def batched_attention(
     deterministic: bool = True,
     dtype: DTypeLike | None = None,
     implementation: str = "auto",
+    rope: RoPE | None = None,
     return_weights: Literal[True],
     structure: Structure | None = None,
     options: Options | None = None,
@@ -337,6 +345,7 @@ def batched_attention(
     deterministic=True,
     dtype=None,
     implementation="auto",
+    rope=None,
     return_weights=False,
     structure=None,
     options=None,
@@ -364,6 +373,7 @@ def batched_attention(
         dropout_rate=dropout_rate,
         dtype=dtype,
         implementation=implementation,
+        rope=rope,
     )
     out, weights = batched(
         params,

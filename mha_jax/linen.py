@@ -8,8 +8,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mha_jax import _module
-from mha_jax._validate import OPTIONS_KEYWORDS, refuse_both, settle_structure
+from mha_jax import _checks, _module
+from mha_jax._validate import merge_options, settle_structure
 from mha_jax.decoding.cache import KVCache, init_cache
 from mha_jax.masks import Structure
 from mha_jax.options import Options
@@ -29,8 +29,9 @@ class MultiHeadAttention(nn.Module):
     Input widths are read from the inputs; parameters are `w_q, b_q, ..., w_o,
     b_o` (and `q_norm, k_norm` with `qk_norm=True`) with the layout of
     `mha_jax.MHAParams`, in the `params` collection. The settings are `scale,
-    dropout_rate, dtype, implementation`, or `options=Options(...)` for all of
-    them and the rest (rope, softcap, qk_norm_eps). Weights are sown to
+    dropout_rate, dtype, implementation, rope`, and `options=Options(...)` for all
+    of them and the rest (softcap, qk_norm_eps), merged as in the NNX module. Weights
+    are sown to
     `intermediates/attention_weights` when `sow_weights`.
 
     Decoding keeps the KV cache in the `cache` collection, as Flax's own
@@ -52,6 +53,7 @@ class MultiHeadAttention(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     implementation: str = "auto"
+    rope: Any = None  # a mha_jax.RoPE
     options: Options | None = None
     sow_weights: bool = False
     kernel_init: Any = default_kernel_init
@@ -65,7 +67,7 @@ class MultiHeadAttention(nn.Module):
         *,
         mask=None,
         bias=None,
-        is_causal: bool = False,
+        is_causal: bool | None = None,
         q_offset=0,
         kv_length=None,
         window=None,
@@ -114,14 +116,17 @@ class MultiHeadAttention(nn.Module):
             for name, value in zip(("cached_key", "cached_value", "cache_length"), new_cache, strict=True):
                 self.put_variable("cache", name, value)
             return out
+        if lengths is not None:  # the new rows to keep of a decoding step: nothing else reads it
+            raise _checks.fail("lengths", "be left out unless decoding (decode=True or cache=); "
+                               "padding is kv_length=", "an array")  # fmt: skip
         structure = settle_structure(
-            structure, is_causal=is_causal, q_offset=q_offset, kv_length=kv_length, window=window
+            structure, is_causal=bool(is_causal), q_offset=q_offset, kv_length=kv_length, window=window
         )
         out, weights = _module.forward(
             self, params, x_q, x_kv, options=settings, mask=mask, bias=bias, structure=structure,
             deterministic=deterministic,
             draw_rng=lambda: self.make_rng("dropout") if dropout_rng is None else dropout_rng,
-            return_weights=return_weights,
+            return_weights=return_weights, positions=positions,
         )  # fmt: skip
         if decode:  # initializing: make the cache in the computation's dtype, with room for x_q
             empty = init_cache(x_q.shape[0], x_q.shape[1], sizes["num_kv_heads"], sizes["head_dim"],
@@ -135,6 +140,5 @@ class MultiHeadAttention(nn.Module):
     def settings(self) -> Options:
         """The module's Options: `options`, or one built from the four setting fields."""
         fields = dict(scale=self.scale, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                      implementation=self.implementation)  # fmt: skip
-        refuse_both(self.options, "options", OPTIONS_KEYWORDS, fields)
-        return Options(**fields) if self.options is None else self.options
+                      implementation=self.implementation, rope=self.rope)  # fmt: skip
+        return merge_options(self.options, fields)

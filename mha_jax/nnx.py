@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from mha_jax import _module
-from mha_jax._validate import OPTIONS_KEYWORDS, refuse_both, settle_structure
+from mha_jax import _checks, _module
+from mha_jax._validate import merge_options, settle_structure
 from mha_jax.decoding.cache import KVCache, init_cache
 from mha_jax.masks import Structure
 from mha_jax.options import Options
@@ -28,6 +28,7 @@ from mha_jax.params import (
     param_shapes,
     resolve_sizes,
 )
+from mha_jax.rope import RoPE
 
 
 class MultiHeadAttention(nnx.Module):
@@ -36,8 +37,9 @@ class MultiHeadAttention(nnx.Module):
     Parameters are named `w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o` (and `q_norm,
     k_norm` with `qk_norm=True`) with the layout of `mha_jax.MHAParams`;
     `module.params` gets them as one, `module.load_params(params)` sets them. The settings are
-    `scale, dropout_rate, dtype, implementation`, or `options=Options(...)` for
-    all of them and the rest (rope, softcap, qk_norm_eps). Built inside
+    `scale, dropout_rate, dtype, implementation, rope`, and `options=Options(...)` for
+    all of them and the rest (softcap, qk_norm_eps): a keyword fills what the options
+    leave at its default. Built inside
     `with jax.set_mesh(mesh):` with `heads_axis="heads"`, the weights are
     created split by heads over that mesh axis (`mha_jax.parallel.sharding`).
 
@@ -62,6 +64,7 @@ class MultiHeadAttention(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         implementation: str = "auto",
+        rope: RoPE | None = None,
         options: Options | None = None,
         heads_axis: str | None = None,
         sow_weights: bool = False,
@@ -69,8 +72,9 @@ class MultiHeadAttention(nnx.Module):
         bias_init=default_bias_init,
         rngs: nnx.Rngs,
     ):
-        settings = dict(scale=scale, dropout_rate=dropout_rate, dtype=dtype, implementation=implementation)
-        refuse_both(options, "options", OPTIONS_KEYWORDS, settings)
+        settings = dict(scale=scale, dropout_rate=dropout_rate, dtype=dtype, implementation=implementation,
+                        rope=rope)  # fmt: skip
+        self.options = merge_options(options, settings)  # checked here, once
         sizes = resolve_sizes(
             in_features, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, d_kv=in_kv_features,
             d_out=out_features,
@@ -88,7 +92,6 @@ class MultiHeadAttention(nnx.Module):
         for name in PARAM_NAMES:
             setattr(self, name, getattr(params, name))
         self.num_heads, self.deterministic, self.sow_weights = num_heads, deterministic, sow_weights
-        self.options = Options(**settings) if options is None else options  # checked here, once
         self.rngs = rngs.dropout.fork() if self.options.dropout_rate > 0 else None
         self.num_kv_heads, self.head_dim = sizes["num_kv_heads"], sizes["head_dim"]
 
@@ -132,7 +135,7 @@ class MultiHeadAttention(nnx.Module):
         *,
         mask=None,
         bias=None,
-        is_causal: bool = False,
+        is_causal: bool | None = None,
         q_offset=0,
         kv_length=None,
         window=None,
@@ -145,7 +148,9 @@ class MultiHeadAttention(nnx.Module):
         lengths=None,
         positions=None,
     ):
-        """`mask`, `bias`, `kv_length`, `q_offset`, `structure`: as `mha_jax.batched_attention`.
+        """`mask`, `bias`, `kv_length`, `q_offset`, `structure`, `positions`: as
+        `mha_jax.batched_attention`; a Flax mask (any dtype, nonzero = may attend; `[B, 1, Lq,
+        Lk]` as `nnx.make_causal_mask` gives, or `[B, H, Lq, Lk]`) is taken as Flax means it.
 
         Decoding (`x_q` [B, T, D], self-attention): `decode=True` attends against the
         module's cache and updates it; `cache=` attends against that cache and returns
@@ -165,13 +170,17 @@ class MultiHeadAttention(nnx.Module):
             self.cached_key[...], self.cached_value[...] = new_cache.k, new_cache.v
             self.cache_length[...] = new_cache.length
             return out
+        if lengths is not None:  # the new rows to keep of a decoding step: nothing else reads it
+            raise _checks.fail("lengths", "be left out unless decoding (decode=True or cache=); "
+                               "padding is kv_length=", "an array")  # fmt: skip
         structure = settle_structure(
-            structure, is_causal=is_causal, q_offset=q_offset, kv_length=kv_length, window=window
+            structure, is_causal=bool(is_causal), q_offset=q_offset, kv_length=kv_length, window=window
         )
         out, weights = _module.forward(
             self, self.params, x_q, x_kv, options=self.options, mask=mask, bias=bias,
             structure=structure, deterministic=deterministic,
             draw_rng=lambda: self._dropout_stream(rngs)(), return_weights=return_weights,
+            positions=positions,
         )  # fmt: skip
         if self.sow_weights:
             self.sow(nnx.Intermediate, "attention_weights", weights)

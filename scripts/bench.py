@@ -5,6 +5,8 @@
     python scripts/bench.py --memory        # peak RSS vs L, one fresh process per point
     python scripts/bench.py --train-step    # train steps/s of train_toy.py's model, vs flax.nnx
     python scripts/bench.py --mesh          # context parallelism on 8 host devices (L=32768, ~3 min)
+    python scripts/bench.py --packed        # 8 packed documents of 512: segment ids, 8 calls, a dense mask
+    python scripts/bench.py --baseline REV  # also time the library as it was at git revision REV
 
 Time mode: every candidate is compiled and warmed up, then timed in rounds,
 interleaved round-robin (each round runs every candidate once, in a shuffled
@@ -16,6 +18,16 @@ include the four projections (full layer: D=768 -> 12 heads of 64 -> D).
 Memory mode: each (candidate, L) runs forward+backward at B=1 in a fresh
 subprocess with its data segment capped, and reports peak RSS; a candidate is
 dropped after it fails or passes the cap.
+
+Packed mode: a row of 8 documents of 512 tokens (L=4096), causal within each, forward and
+forward+backward: the row with segment ids against the 8 documents as a batch of separate
+L=512 sequences (the work it should cost) and against the same mask given densely, as
+`[1, L, L]` bool (what a user without segment ids writes; the blockwise kernel cannot skip
+it). Interleaved rounds, medians, ratios to the separate calls.
+
+Baseline (`--baseline REV`, any mode but memory): the package as committed at REV is copied
+under another name (`mha_jax_baseline`) and timed beside today's in the same rounds, so a
+"no slowdown" claim is one interleaved run, not two runs on a noisy machine.
 
 Train-step mode: the training step of scripts/train_toy.py (--config, --set) with
 our attention and with flax.nnx.MultiHeadAttention in the same model on the same
@@ -65,8 +77,33 @@ QUICK = [(4, 16, "fwd", False), (1, 1024, "fwd+bwd", True)]
 # Candidates: each returns f(x) -> something to block on, for a [B, L, D] input
 
 
-def mha_jax_candidate(implementation: str, causal: bool, backward: bool):
-    import mha_jax
+BASELINE = {}  # "rev": the git revision copied as the package mha_jax_baseline (--baseline)
+
+
+def baseline_package(rev: str, out_dir: Path) -> str:
+    """Copy `mha_jax/` as committed at `rev` to `out_dir/baseline/mha_jax_baseline`, its own
+    imports renamed, and put it on sys.path: two versions in one process."""
+    import re
+    import shutil
+    import tarfile
+    from io import BytesIO
+
+    root = out_dir / "baseline"
+    shutil.rmtree(root, ignore_errors=True)
+    archive = subprocess.run(["git", "archive", rev, "mha_jax"], capture_output=True, check=True).stdout
+    tarfile.open(fileobj=BytesIO(archive)).extractall(root, filter="data")
+    (root / "mha_jax").rename(root / "mha_jax_baseline")
+    for path in (root / "mha_jax_baseline").rglob("*.py"):
+        path.write_text(re.sub(r"\bmha_jax\b", "mha_jax_baseline", path.read_text()))
+    sys.path.insert(0, str(root))
+    BASELINE["rev"] = rev
+    return "mha_jax_baseline"
+
+
+def mha_jax_candidate(implementation: str, causal: bool, backward: bool, package: str = "mha_jax"):
+    import importlib
+
+    mha_jax = importlib.import_module(package)
 
     params = mha_jax.init_params(jax.random.PRNGKey(0), D_MODEL, NUM_HEADS)
 
@@ -142,6 +179,18 @@ def equinox_candidate(causal: bool, backward: bool):
     return _wrap(forward, params, backward)
 
 
+def _with_arguments(forward, params, backward, extra=None):
+    """`_wrap`, with the parameters (and `extra`, forward's third argument) passed in as
+    arguments: a large closed-over constant (a dense mask) is folded at compile time, which
+    takes XLA seconds and is not what a user's training step does."""
+    if not backward:
+        f = jax.jit(forward)
+    else:
+        loss = lambda params, x, extra: jnp.sum(forward(params, x, extra) ** 2)
+        f = jax.jit(lambda params, x, extra: jax.grad(loss, argnums=(0, 1))(params, x, extra))
+    return lambda x: f(params, x, extra)
+
+
 def _wrap(forward, params, backward):
     if not backward:
         return jax.jit(lambda x: forward(params, x))
@@ -185,6 +234,10 @@ def candidates(causal: bool, backward: bool, include_torch: bool) -> dict:
         "mha_jax reference": mha_jax_candidate("reference", causal, backward),
         "mha_jax blockwise": mha_jax_candidate("blockwise", causal, backward),
     }
+    if BASELINE:
+        made[f"mha_jax@{BASELINE['rev']} auto"] = mha_jax_candidate(
+            "auto", causal, backward, "mha_jax_baseline"
+        )
     if include_torch:
         made["torch sdpa+proj"] = torch_candidate(causal, backward)
     return made
@@ -305,6 +358,93 @@ def _markdown(results) -> str:
         "Ratios are time relative to flax.linen (lower is faster).\n"
     )
     return head + "\n".join(_case_markdown(c) for c in results["cases"]) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Packed mode
+
+DOCUMENTS, DOCUMENT_LENGTH = 8, 512
+
+
+def packed_candidates(backward: bool) -> dict:
+    """Each takes the packed row `[1, 8·512, D]` (the separate calls reshape it to `[8, 512, D]`)."""
+    import mha_jax
+
+    params = mha_jax.init_params(jax.random.PRNGKey(0), D_MODEL, NUM_HEADS)
+    length = DOCUMENTS * DOCUMENT_LENGTH
+    ids = jnp.repeat(jnp.arange(DOCUMENTS), DOCUMENT_LENGTH)[None]  # [1, L]
+    structure = mha_jax.Structure(is_causal=True, segment_ids=ids)
+    dense = (ids[:, :, None] == ids[:, None, :]) & jnp.tril(jnp.ones((length, length), bool))  # [1, L, L]
+
+    def segment_ids(params, x, _):
+        return mha_jax.batched_attention(params, x, num_heads=NUM_HEADS, structure=structure)
+
+    def separate(params, x, _):
+        documents = x.reshape(DOCUMENTS, DOCUMENT_LENGTH, D_MODEL)
+        out = mha_jax.batched_attention(params, documents, num_heads=NUM_HEADS, is_causal=True)
+        return out.reshape(x.shape)
+
+    def dense_mask(params, x, mask):
+        return mha_jax.batched_attention(params, x, num_heads=NUM_HEADS, mask=mask)
+
+    made = {
+        "segment ids (1 row of 8x512)": _with_arguments(segment_ids, params, backward),
+        "separate calls (8 x 512)": _with_arguments(separate, params, backward),
+        "dense mask (1 row, [L, L] bool)": _with_arguments(dense_mask, params, backward, dense),
+    }
+    if BASELINE:  # the dense mask is what the baseline could do
+        import mha_jax_baseline
+
+        def baseline_dense(params, x, mask):
+            return mha_jax_baseline.batched_attention(params, x, num_heads=NUM_HEADS, mask=mask)
+
+        theirs = mha_jax_baseline.MHAParams(*params)  # the same weights, as the baseline's type
+        made[f"mha_jax@{BASELINE['rev']} dense mask"] = _with_arguments(
+            baseline_dense, theirs, backward, dense
+        )
+    return made
+
+
+def run_packed_mode(rounds: int, out_dir: Path) -> dict:
+    rate = matmul_rate()
+    load = os.getloadavg()[0]
+    busy = " (busier than the cores: treat the times with care)" if load > (os.cpu_count() or 1) else ""
+    print(f"large jnp.dot: {rate / 1e9:.1f} GFLOP/s; load average {load:.1f} on {os.cpu_count()} cores{busy}")
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, DOCUMENTS * DOCUMENT_LENGTH, D_MODEL))
+    results = {"matmul_gflops": rate / 1e9, "load": load, "cases": []}
+    lines = []
+    for mode in ("fwd", "fwd+bwd"):
+        made = packed_candidates(mode == "fwd+bwd")
+        for f in made.values():
+            block(f(x))
+            block(f(x))
+        times = {name: [] for name in made}
+        order, shuffle = list(made), random.Random(0)
+        for _ in range(rounds):
+            shuffle.shuffle(order)
+            for name in order:
+                begin = time.perf_counter()
+                block(made[name](x))
+                times[name].append(time.perf_counter() - begin)
+        base = statistics.median(times["separate calls (8 x 512)"])
+        useful = flops(DOCUMENTS, DOCUMENT_LENGTH, True, mode == "fwd+bwd")
+        rows = {
+            name: dict(median_ms=statistics.median(ts) * 1e3, min_ms=min(ts) * 1e3, max_ms=max(ts) * 1e3,
+                       ratio_to_separate=statistics.median(ts) / base,
+                       pct_matmul=100 * useful / statistics.median(ts) / rate)
+            for name, ts in times.items()
+        }  # fmt: skip
+        results["cases"].append(dict(mode=mode, rounds=rounds, results=rows))
+        lines += [f"\nL={DOCUMENTS}x{DOCUMENT_LENGTH} causal documents, {mode} ({rounds} rounds)",
+                  "| candidate | median ms (min-max) | vs separate calls | % of matmul (useful FLOPs) |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for name, r in sorted(rows.items(), key=lambda item: item[1]["median_ms"]):
+            lines.append(f"| {name} | {r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f}) | "
+                         f"{r['ratio_to_separate']:.2f}x | {r['pct_matmul']:.0f}% |")  # fmt: skip
+        print("\n".join(lines[-(len(rows) + 3) :]), flush=True)
+    (out_dir / "bench_packed.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "bench_packed.md").write_text("\n".join(lines) + "\n")
+    return results
 
 
 # ---------------------------------------------------------------------------
@@ -624,10 +764,20 @@ def main():
         help="context parallelism at length L (default 32768) on 8 host devices: ring, "
         "all-to-all and all-gather against one device (--rounds default 1)",
     )
+    parser.add_argument("--packed", action="store_true", help="8 packed documents: segment ids vs 8 calls")
+    parser.add_argument(
+        "--baseline", metavar="REV", help="also time mha_jax as committed at git revision REV"
+    )
     parser.add_argument("--rounds", type=int, help="timed rounds (default: 15; 7 in train-step mode)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
+    if args.baseline:
+        baseline_package(args.baseline, args.out)
+    if args.packed:
+        args.out.mkdir(parents=True, exist_ok=True)
+        run_packed_mode(args.rounds or 9, args.out)
+        return
     if args.mesh:
         return mesh_mode(args.mesh, args.rounds or 1, args.out)
     if args.train_step:

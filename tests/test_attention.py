@@ -325,7 +325,7 @@ def test_equal_settings_compile_once_whether_given_as_keywords_or_values():
     np.testing.assert_array_equal(outs[1], mj.batched_attention(params, x * 2, x_kv, num_heads=H, **calls[0]))
 
 
-def test_structure_and_options_values_cannot_be_mixed_with_their_keywords():
+def test_structure_values_cannot_be_mixed_with_their_keywords_and_options_merge():
     params, x_q, x_kv = make()
     with pytest.raises(
         ValueError,
@@ -333,8 +333,14 @@ def test_structure_and_options_values_cannot_be_mixed_with_their_keywords():
         r"structure= together with is_causal",
     ):
         mj.attention(params, x_q, x_kv, num_heads=H, structure=mj.Structure(), is_causal=True)
-    with pytest.raises(ValueError, match=r"options must be given alone .* with scale, dtype"):
-        mj.attention(params, x_q, x_kv, num_heads=H, options=mj.Options(), scale=0.1, dtype=jnp.bfloat16)
+    # The settings merge: a keyword fills what the options leave at its default...
+    merged = mj.attention(params, x_q, x_kv, num_heads=H, options=mj.Options(softcap=5.0), scale=0.1)
+    whole = mj.attention(params, x_q, x_kv, num_heads=H, options=mj.Options(softcap=5.0, scale=0.1))
+    np.testing.assert_array_equal(merged, whole)
+    # ...and a setting given both ways, differently, is an error naming both.
+    with pytest.raises(ValueError, match=r"scale must be given once, as a keyword or in options=; got "
+                                         r"scale=0.1 and options.scale=0.2"):  # fmt: skip
+        mj.attention(params, x_q, x_kv, num_heads=H, options=mj.Options(scale=0.2), scale=0.1)
 
 
 def test_head_dim_independent_of_d_model_and_other_output_width():

@@ -328,8 +328,8 @@ MODULE_ERRORS = [
      r"params.w_q must have shape the module's shape=\(24, 24\); got shape \(24, 8\)"),
     ("load_missing_norm", lambda m, x: m.load_params(layer(qk_norm=True)._replace(k_norm=None)), ValueError,
      r"params.k_norm must be given; got None"),
-    ("options_and_keywords", lambda m, x: type(m)(D, H, scale=0.5, options=mj.Options(), rngs=None),
-     ValueError, r"options must be given alone or not at all; got options= together with scale"),
+    ("options_and_keywords", lambda m, x: type(m)(D, H, scale=0.5, options=mj.Options(scale=0.25), rngs=None),
+     ValueError, r"scale must be given once, as a keyword or in options=; got scale=0.5 and options.scale"),
 ]  # fmt: skip
 
 

@@ -210,3 +210,67 @@ def test_bf16_compute_with_float32_params():
     assert out.dtype == jnp.bfloat16 and module.w_q[...].dtype == jnp.float32
     exact = mnnx.MultiHeadAttention(D, H, rngs=nnx.Rngs(0))(x)
     np.testing.assert_allclose(out.astype(jnp.float32), exact, atol=0.05, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------
+# What a user moving from Flax writes (issue 16's frictions)
+
+
+def test_the_modules_take_flax_masks_as_flax_means_them():
+    """`nnx.make_causal_mask` gives a float `[B, 1, L, L]`; flax's attention also takes bool and
+    per-head masks. Ours reads each as Flax does, on NNX and linen, and equals flax's own
+    MultiHeadAttention given the same weights and mask."""
+    params = mj.init_params(jax.random.PRNGKey(0), D, H, head_dim=Dh)
+    x = normal(40, (B, Lq, D))
+    ours = mnnx.MultiHeadAttention(D, H, head_dim=Dh, rngs=nnx.Rngs(0))
+    ours.load_params(params)
+    linen = mlinen.MultiHeadAttention(H, head_dim=Dh)
+    variables = {"params": {k: v for k, v in params._asdict().items() if v is not None}}
+    causal = ours(x, is_causal=True)
+    theirs = nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=H * Dh, out_features=D)
+    flax_variables = {"params": flax_kernels(params)}
+    for mask in (
+        nnx.make_causal_mask(jnp.ones((B, Lq))),  # float32 [B, 1, L, L]
+        nnx.make_causal_mask(jnp.ones((B, Lq)), dtype=bool),
+        jnp.broadcast_to(nnx.make_causal_mask(jnp.ones((B, Lq)), dtype=jnp.int32), (B, H, Lq, Lq)),
+    ):
+        np.testing.assert_allclose(ours(x, mask=mask), causal, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(linen.apply(variables, x, mask=mask), causal, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(theirs.apply(flax_variables, x, mask=mask), causal, rtol=1e-5, atol=1e-5)
+
+
+def test_is_causal_true_is_accepted_when_decoding_and_false_refused():
+    module = mnnx.MultiHeadAttention(D, H, head_dim=Dh, rngs=nnx.Rngs(0))
+    x = normal(41, (B, 4, D))
+    module.init_cache(B, 8)
+    plain = module(x, decode=True)
+    module.init_cache(B, 8)
+    np.testing.assert_array_equal(module(x, decode=True, is_causal=True), plain)  # one code path for blocks
+    with pytest.raises(ValueError, match=r"is_causal must be True or left out when decoding"):
+        module(x, decode=True, is_causal=False)
+
+
+def test_module_positions_move_rope_and_lengths_outside_decoding_is_refused():
+    """`positions=` used to be read only when decoding (silently ignored otherwise), and
+    `lengths=` outside decoding was ignored; `rope=` is a keyword like the other settings."""
+    rope = mj.RoPE(theta=50.0)
+    module = mnnx.MultiHeadAttention(D, H, head_dim=Dh, rope=rope, rngs=nnx.Rngs(0))
+    same = mnnx.MultiHeadAttention(D, H, head_dim=Dh, options=mj.Options(rope=rope), rngs=nnx.Rngs(0))
+    x = normal(42, (B, Lq, D))
+    positions = jnp.array([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]])
+    np.testing.assert_array_equal(module(x), same(x))
+    moved = module(x, is_causal=True, positions=positions)
+    expected = mj.batched_attention(
+        module.params, x, num_heads=H, is_causal=True, rope=rope, positions=positions
+    )
+    np.testing.assert_allclose(moved, expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(moved, module(x, is_causal=True))
+    linen = mlinen.MultiHeadAttention(H, head_dim=Dh, rope=rope)
+    variables = {"params": {k: v for k, v in module.params._asdict().items() if v is not None}}
+    np.testing.assert_allclose(
+        linen.apply(variables, x, is_causal=True, positions=positions), moved, rtol=1e-6
+    )
+    with pytest.raises(ValueError, match=r"lengths must be left out unless decoding"):
+        module(x, lengths=jnp.array([5, 5]))
+    with pytest.raises(ValueError, match=r"positions must come with options.rope"):
+        mnnx.MultiHeadAttention(D, H, head_dim=Dh, rngs=nnx.Rngs(0))(x, positions=positions)
