@@ -569,7 +569,7 @@ def mesh_candidates(length: int) -> dict:
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
     per_device = lambda f, **kw: jax.shard_map(
-        functools.partial(f, axis_name="seq", is_causal=True, **kw),
+        functools.partial(f, axis_name="seq", structure=mha_jax.Structure(is_causal=True), **kw),
         mesh=mesh,
         in_specs=P("seq"),
         out_specs=P("seq"),

@@ -66,9 +66,12 @@ def test_striped_layout_puts_every_nth_position_on_each_device():
 def test_striped_layout_balances_causal_work_within_ten_percent():
     """Tiles each device's forward visits over the whole ring, read from the kernel's loop
     bounds: equal with the striped layout (padded or not), and 10x apart contiguously."""
-    sizes = dict(axis_size=8, length_q=8192, is_causal=True)
+    sizes = dict(axis_size=8, length_q=8192, structure=Structure(is_causal=True))
     striped = parallel.ring_work(**sizes, layout=parallel.Layout("striped", 8))
-    padded = parallel.ring_work(**sizes, kv_length=5000, layout=parallel.Layout("striped", 8))
+    padded = parallel.ring_work(
+        axis_size=8, length_q=8192, structure=Structure(is_causal=True, kv_length=5000),
+        layout=parallel.Layout("striped", 8),
+    )  # fmt: skip
     contiguous = parallel.ring_work(**sizes)
     for work in (striped, padded):
         assert work.max() <= 1.1 * work.min(), work
@@ -329,6 +332,11 @@ STRATEGIES = [
     "all_to_all: seq x heads, causal, padded, kv heads repeated",
     "all_gather: causal, padded",
     "ring: data x seq x heads, striped, QK-norm, RoPE, softcap",
+    "ring: packed segment ids, padded",
+    "ring: packed segment ids, striped",
+    "ring: chunk, prefix and segment ids",
+    "all_to_all: chunk, prefix and segment ids, striped",
+    "all_gather: chunk, prefix and segment ids",
 ]
 
 
@@ -473,6 +481,36 @@ def _strategies() -> dict:
             (qk_params, x),
         ),
     }  # fmt: skip
+    # Packed rows: documents that cross device boundaries (6 rows a device on seq8), one-token
+    # ones, a row of one document; the keys' ids travel round the ring with their keys.
+    ids = jnp.array([[0] * 7 + [1] + [2] * 20 + [3] * 20, [5] * 48])
+    packed = mj.Structure(is_causal=True, segment_ids=ids, kv_length=padded)
+    chunked = mj.Structure(is_causal=True, chunk=10, prefix=jnp.array([5, 13]), segment_ids=ids)
+    for name, rules, context, layout in (
+        ("ring: packed segment ids, padded", packed, "ring", None),
+        ("ring: packed segment ids, striped", packed, "ring", striped8),
+        ("ring: chunk, prefix and segment ids", chunked, "ring", None),
+        (
+            "all_to_all: chunk, prefix and segment ids, striped",
+            chunked,
+            "all_to_all",
+            parallel.Layout("striped", 4),
+        ),
+        ("all_gather: chunk, prefix and segment ids", chunked, "all_gather", None),
+    ):
+        mesh = seq4_heads2 if context == "all_to_all" else seq8
+        heads = dict(heads_axis="heads") if context == "all_to_all" else {}
+
+        def run(p, x, rules=rules, context=context, layout=layout, mesh=mesh, heads=heads):
+            if layout is None:
+                return layer(p, x, mesh=mesh, seq_axis="seq", context=context, structure=rules, **heads)
+            ordered = rules.replace(segment_ids=parallel.to_layout(rules.segment_ids, layout))  # rows' order
+            f = lambda p, x: layer(p, x, mesh=mesh, seq_axis="seq", context=context, structure=ordered,
+                                   layout=layout, **heads)  # fmt: skip
+            return in_layout(f, layout)(p, x)
+
+        expected = lambda p, x, rules=rules: _reference(p, x, None, num_heads=num_heads, structure=rules)
+        cases[name] = (run, expected, (params, x))
     return {name: _guarded(_compare, run, expected, args) for name, (run, expected, args) in cases.items()}
 
 
@@ -484,7 +522,10 @@ def _memory() -> dict:
         for n in sizes:
             mesh = _mesh((n, "seq"))
             attend = functools.partial(
-                parallel.CONTEXTS[context], axis_name="seq", is_causal=True, block_sizes=(256, 256)
+                parallel.CONTEXTS[context],
+                axis_name="seq",
+                structure=Structure(is_causal=True),
+                block_sizes=(256, 256),
             )
             sharded = jax.shard_map(attend, mesh=mesh, in_specs=P("seq"), out_specs=P("seq"))
             loss = lambda q, k, v: jnp.sum(sharded(q, k, v) ** 2)  # noqa: B023 (used at once)

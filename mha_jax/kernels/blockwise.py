@@ -27,6 +27,7 @@ from jax import Array
 from mha_jax import _checks
 from mha_jax.kernels.request import Request, fused_limits
 from mha_jax.masks import Structure, check_structure
+from mha_jax.options import Options
 from mha_jax.stages import fold_scale, soft_cap
 
 
@@ -56,9 +57,7 @@ def cannot(request: Request) -> list[str]:
 
 
 def run(q, k, v, *, mask, bias, structure, options, rng):
-    return blockwise_attention(
-        q, k, v, mask=mask, bias=bias, structure=structure, scale=options.scale, softcap=options.softcap
-    ), None
+    return blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure, options=options), None
 
 
 def blockwise_attention(
@@ -72,8 +71,11 @@ def blockwise_attention(
     scale: float | None = None,
     softcap: float | None = None,
     block_sizes: tuple[int, int] | None = None,
+    options: Options | None = None,
 ) -> Array:  # [Lq, H, Dh]
-    """Same result as the reference kernel, without materialising the scores."""
+    """Same result as the reference kernel, without materialising the scores. The settings
+    are `scale` and `softcap`, or `options` (its scale, softcap and the score options to
+    come); `block_sizes` (block_q, block_k) overrides `default_block_sizes`."""
     q, k, v = (_checks.as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
     _checks.check_heads(q, k, v)
     mask, bias = (
@@ -82,14 +84,14 @@ def blockwise_attention(
     _checks.check_mask_and_bias(mask, bias, q.shape[1], q.shape[0], k.shape[0])
     structure = Structure() if structure is None else structure
     check_structure(structure, q.shape[0], k.shape[0], name="structure.")
-    if scale is not None:
-        _checks.check_finite_real("scale", scale)
-    if softcap is not None:
-        _checks.check_finite_real("softcap", softcap, positive=True)
+    if options is None:
+        options = Options(scale=scale, softcap=softcap)  # checks them
+    elif scale is not None or softcap is not None:
+        raise _checks.fail("options", "be given without scale and softcap (it holds them)", options)
     length_q, length_k = q.shape[0], k.shape[0]
     if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
         return jnp.zeros_like(q)
-    config, structure = _setup(q, k, structure, scale, softcap, block_sizes)
+    config, structure = _setup(q, k, structure, options, block_sizes)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, length_q, length_k))
     if bias is not None:
@@ -97,7 +99,7 @@ def blockwise_attention(
     return _flash(q, k, v, mask, bias, structure, config)
 
 
-def _setup(q, k, structure: Structure, scale, softcap, block_sizes):
+def _setup(q, k, structure: Structure, options: Options, block_sizes):
     """(Config, structure) of a call: what `blockwise_attention` and the pieces share. The
     structure's positions become int32 arrays and its kv_length is always set."""
     length_q, _, head_dim = q.shape
@@ -110,8 +112,8 @@ def _setup(q, k, structure: Structure, scale, softcap, block_sizes):
         block_k=block_k,
         length_q=length_q,
         length_k=length_k,
-        scale=head_dim**-0.5 if scale is None else float(scale),
-        softcap=None if softcap is None else float(softcap),
+        scale=head_dim**-0.5 if options.scale is None else options.scale,
+        softcap=options.softcap,
     )
     # Positions are int32 whatever jax_enable_x64 says: block indices mix with them.
     positions = {name: jnp.asarray(getattr(structure, name), jnp.int32) for name in ("q_offset", "k_offset")}
@@ -474,8 +476,7 @@ def attention_with_lse(
     v: Array,  # [Lk, Hkv, Dh]
     *,
     structure: Structure,
-    scale: float | None = None,
-    softcap: float | None = None,
+    options: Options | None = None,
     block_sizes: tuple[int, int] | None = None,
 ) -> tuple[Array, Array]:  # [Lq, H, Dh], [Lq, H] float32
     """The forward over these keys only: `(out, lse)` with `lse = log Σ exp(score)` over
@@ -484,7 +485,7 @@ def attention_with_lse(
     Two pieces merge as `lse = logaddexp(lse_a, lse_b)`,
     `out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)`. No VJP: a caller that
     differentiates defines one with `attention_backward_with_lse`."""
-    config, structure = _setup(q, k, structure, scale, softcap, block_sizes)
+    config, structure = _setup(q, k, structure, options or Options(), block_sizes)
     out, lse_blocks = _forward(q, k, v, None, None, structure, config)
     nq, num_heads, block_q = lse_blocks.shape
     lse = lse_blocks.transpose(0, 2, 1).reshape(nq * block_q, num_heads)[: config.length_q]  # [Lq, H]
@@ -502,15 +503,14 @@ def attention_backward_with_lse(
     d_out: Array,  # [Lq, H, Dh]
     *,
     structure: Structure,
-    scale: float | None = None,
-    softcap: float | None = None,
+    options: Options | None = None,
     block_sizes: tuple[int, int] | None = None,
 ) -> tuple[Array, Array, Array]:  # dq [Lq, H, Dh], dk, dv [Lk, Hkv, Dh]
     """This piece's share of the gradients of an attention whose total `out` and
     `lse` span more keys than `k` holds: the probabilities recomputed from the total
     `lse` are the total softmax's, and `delta = rowsum(d_out·out)` is the total's too,
     so the pieces' `dq` add up to the whole `dq`, and each `dk`, `dv` is exact."""
-    config, structure = _setup(q, k, structure, scale, softcap, block_sizes)
+    config, structure = _setup(q, k, structure, options or Options(), block_sizes)
     nq = _round_up(config.length_q, config.block_q) // config.block_q
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # back to the kernel's mark for "saw nothing"
     lse_blocks = _pad_axis(lse, 0, nq * config.block_q, jnp.inf)

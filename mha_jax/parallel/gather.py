@@ -17,8 +17,10 @@ from jax import Array
 
 from mha_jax import _checks
 from mha_jax.kernels.blockwise import blockwise_attention
-from mha_jax.masks import Structure, normalize_window
+from mha_jax.masks import Structure
+from mha_jax.options import Options
 from mha_jax.parallel.layout import Layout, bound_axis_size, check_layout_for
+from mha_jax.parallel.ring import check_rules
 
 
 def all_gather_attention(
@@ -27,26 +29,24 @@ def all_gather_attention(
     v: Array,  # [Ck, Hkv, Dh]
     *,
     axis_name: str,
-    is_causal: bool = False,
-    q_offset: int | Array = 0,
-    kv_length: int | Array | None = None,
-    window: int | tuple[int, int] | None = None,
+    structure: Structure | None = None,
+    options: Options | None = None,
     layout: Layout | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
     block_sizes: tuple[int, int] | None = None,
 ) -> Array:  # [Cq, H, Dh]
     """As `ring_attention` (one example per device inside `jax.shard_map`), by gathering
-    every key and value onto every device."""
+    every key and value (and the keys' segment ids) onto every device."""
     axis_size = bound_axis_size(axis_name)
     layout = check_layout_for(layout, axis_name, axis_size)
     if layout.kind != "contiguous":
         raise _checks.fail("layout", "be contiguous (None) for all-gather attention", repr(layout))
-    _checks.check_rank("q", q, 3, "[Cq, H, Dh]")
-    k, v = (jax.lax.all_gather(x, axis_name, axis=0, tiled=True) for x in (k, v))  # [Lk, Hkv, Dh]
+    structure, options = check_rules(q, k, v, structure, options, block_sizes, axis_size * k.shape[0])
+    gather = lambda x: jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+    k, v = gather(k), gather(v)  # [Lk, Hkv, Dh]
     # Device d's query row a is global position d·Cq + a.
-    q_offset = q_offset + jax.lax.axis_index(axis_name) * q.shape[0]
-    structure = Structure(is_causal, q_offset, kv_length, normalize_window(window))
-    return blockwise_attention(
-        q, k, v, structure=structure, scale=scale, softcap=softcap, block_sizes=block_sizes
-    )
+    structure = structure.replace(q_offset=structure.q_offset + jax.lax.axis_index(axis_name) * q.shape[0])
+    if structure.segment_ids is not None:
+        structure = structure.replace(
+            segment_ids=(structure.segment_ids[0], gather(structure.segment_ids[1]))
+        )
+    return blockwise_attention(q, k, v, structure=structure, options=options, block_sizes=block_sizes)

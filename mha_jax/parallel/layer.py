@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from mha_jax import _checks, _validate, frame
 from mha_jax.kernels.blockwise import blockwise_attention
-from mha_jax.masks import Structure, normalize_window
+from mha_jax.masks import Structure
 from mha_jax.options import Options
 from mha_jax.parallel import sharding
 from mha_jax.parallel.gather import all_gather_attention
@@ -56,10 +56,6 @@ class Plan(NamedTuple):
     kv_split: bool  # kv heads split over the heads axis (else replicated: parallel/sharding.py)
     context: str
     layout: Layout
-    is_causal: bool
-    q_offset: int
-    padded: bool  # a kv_length was given
-    window: tuple[int, int] | None
     options: Options
     block_sizes: tuple[int, int] | None
     length_q: int  # global lengths
@@ -81,6 +77,7 @@ def mesh_attention(
     q_offset: int = 0,
     kv_length: int | Array | None = None,
     window: int | tuple[int, int] | None = None,
+    structure: Structure | None = None,
     layout: Layout | None = None,
     options: Options | None = None,
     block_sizes: tuple[int, int] | None = None,
@@ -91,7 +88,9 @@ def mesh_attention(
     copies. Equals `mha_jax.batched_attention` up to float rounding.
 
     is_causal, q_offset (a Python int), kv_length (`[B]`), window: the mask rules in
-    global positions, as in `batched_attention` (no window with a striped ring).
+    global positions, as in `batched_attention`, or `structure=`, which also takes
+    segment ids `[B, L]` (or a pair; rows in the layout's order, like `x_q`), chunk and
+    prefix (window, chunk and prefix not with a striped ring).
     layout: the order of the sequence rows in `x_q`, `x_kv` and the output (None:
     natural; `Layout("striped", N)` balances causal work, see `to_layout`).
     options: scale, dtype, softcap, rope, qk_norm_eps as in `mha_jax.Options` (no
@@ -111,38 +110,47 @@ def mesh_attention(
     layout = check_layout_for(layout, seq_axis, mesh.shape[seq_axis] if seq_axis else 1)
     if context == "all_gather" and layout.kind != "contiguous":
         raise _checks.fail("layout", 'be contiguous (None) for context="all_gather"', repr(layout))
-    if not _checks.is_int(q_offset):
+    structure = _validate.settle_structure(
+        structure, is_causal=is_causal, q_offset=q_offset, kv_length=kv_length, window=window
+    )
+    if not _checks.is_int(structure.q_offset):
+        q_offset = structure.q_offset
         raise _checks.fail("q_offset", "be a Python int (the same for every example)", repr(q_offset))
-    kv_length = None if kv_length is None else _checks.as_array("kv_length", kv_length)
-    structure = Structure(is_causal, int(q_offset), kv_length, normalize_window(window))
-    if structure.window is not None and context == "ring" and layout.kind == "striped":
-        raise _checks.fail(
-            "window", "be None for a striped ring (a striped chunk pair is not a band)", window
-        )
+    if context == "ring" and layout.kind == "striped":
+        for name in ("window", "chunk", "prefix"):
+            if getattr(structure, name) is not None:
+                raise _checks.fail(name, "be None for a striped ring (a striped chunk pair is not a band)",
+                                   repr(getattr(structure, name)))  # fmt: skip
     _validate.check_call(
         params, x_q, x_kv, num_heads=num_heads, mask=None, bias=None, structure=structure,
         options=options, rng=None, return_weights=False, batch=batch,
     )  # fmt: skip
     plan = plan._replace(
         layout=layout,
-        is_causal=is_causal,
-        q_offset=int(q_offset),
-        padded=kv_length is not None,
-        window=structure.window,
         block_sizes=None if block_sizes is None else tuple(block_sizes),
         length_q=length_q,
         length_k=length_k,
     )
+    # Every array of the rules gets a leading B (a shared scalar is broadcast), so that each
+    # splits over the data axis; segment ids split over the sequence too, as the rows do.
+    per_example = lambda a: None if a is None else jnp.broadcast_to(a, (batch,)) if jnp.ndim(a) == 0 else a
+    kv_length = None if structure.kv_length is None else jnp.clip(structure.kv_length, 0, length_k)
+    structure = structure.replace(
+        kv_length=per_example(kv_length),
+        prefix=per_example(structure.prefix),
+        segment_ids=None if structure.segment_ids is None else tuple(structure.segments),
+    )
+    leaves, treedef = jax.tree.flatten(structure)
+    rule_specs = [P(data_axis, seq_axis) if jnp.ndim(leaf) == 2 else P(data_axis) for leaf in leaves]
     rows = P(data_axis, seq_axis)
     specs = sharding.param_specs(params, mesh, num_heads=num_heads, heads_axis=heads_axis)
-    lengths = jnp.full((batch,), length_k) if kv_length is None else kv_length
     per_device = jax.shard_map(
-        functools.partial(_on_each_device, plan=plan),
+        functools.partial(_on_each_device, plan=plan, treedef=treedef),
         mesh=mesh,
-        in_specs=(specs, rows, rows, P(data_axis)),
+        in_specs=(specs, rows, rows, rule_specs),
         out_specs=rows,
     )
-    return per_device(params, x_q, x_kv, jnp.clip(lengths, 0, length_k).astype(jnp.int32))
+    return per_device(params, x_q, x_kv, leaves)
 
 
 def _plan(params, x_q, x_kv, mesh, num_heads, data_axis, seq_axis, heads_axis, context, options) -> Plan:
@@ -182,14 +190,15 @@ def _plan(params, x_q, x_kv, mesh, num_heads, data_axis, seq_axis, heads_axis, c
         check_heads(num_heads // heads_size, local_kv, sizes["seq_axis"], seq_axis, where)
     return Plan(
         data_axis, seq_axis, heads_axis, heads_size, num_heads, num_kv_heads, split, context,
-        Layout(), False, 0, False, None, options, None, 0, 0,
+        Layout(), options, None, 0, 0,
     )  # fmt: skip
 
 
-def _on_each_device(params: MHAParams, x_q, x_kv, kv_length, *, plan: Plan):
-    """One device: `[b, Cq, D], [b, Ck, D_kv], [b] -> [b, Cq, D_out]`: the layer frame with
-    this device's heads, its rows' global positions, the sequence-parallel attend, and the
-    output projection's partial sums added over the heads axis."""
+def _on_each_device(params: MHAParams, x_q, x_kv, leaves, *, plan: Plan, treedef):
+    """One device: `[b, Cq, D], [b, Ck, D_kv] -> [b, Cq, D_out]`, the rules' arrays `[b, ...]`
+    (`leaves` of `treedef`): the layer frame with this device's heads, its rows' global
+    positions, the sequence-parallel attend, and the output projection's partial sums added
+    over the heads axis."""
     chunk_q, chunk_k = x_q.shape[1], x_kv.shape[1]
     replicated = dict(split=plan.kv_split, heads_axis=plan.heads_axis, axis_size=plan.heads_size)
     w_k, b_k = sharding.local_kv(params.w_k, params.b_k, num_kv_heads=plan.num_kv_heads, **replicated)
@@ -197,21 +206,24 @@ def _on_each_device(params: MHAParams, x_q, x_kv, kv_length, *, plan: Plan):
     shard = 0 if plan.seq_axis is None else jax.lax.axis_index(plan.seq_axis)
     q_rows = plan.layout.positions(shard, chunk_q)  # [Cq] global row numbers of our queries
     k_rows = plan.layout.positions(shard, chunk_k)  # [Ck] and keys
+    per_example = lambda f, *arrays: jax.vmap(lambda *a: f(*a[:-1], jax.tree.unflatten(treedef, a[-1])))(
+        *arrays, leaves
+    )
 
     def hide(x_q, x_kv):
-        return jax.vmap(functools.partial(_hide_unseen_rows, q_rows=q_rows, k_rows=k_rows, plan=plan))(
-            x_q, x_kv, kv_length
-        )
+        hide_one = functools.partial(_hide_unseen_rows, q_rows=q_rows, k_rows=k_rows, plan=plan)
+        return per_example(hide_one, x_q, x_kv)
 
     def attend(q, k, v):
-        return jax.vmap(functools.partial(_attend, plan=plan))(q, k, v, kv_length), None  # [b, Cq, H/h, Dh]
+        return per_example(functools.partial(_attend, plan=plan), q, k, v), None  # [b, Cq, H/h, Dh]
 
     def reduce(out):  # this device's heads times its rows of w_o: a partial sum
         return out if plan.heads_axis is None else jax.lax.psum(out, plan.heads_axis)
 
     batch = x_q.shape[0]
+    q_offset = treedef.unflatten(leaves).q_offset  # a Python int: static
     positions = (  # RoPE at the rows' global positions, whatever the layout
-        jnp.broadcast_to(q_rows + plan.q_offset, (batch, chunk_q)),
+        jnp.broadcast_to(q_rows + q_offset, (batch, chunk_q)),
         jnp.broadcast_to(k_rows, (batch, chunk_k)),
     )
     local = params._replace(w_k=w_k, b_k=b_k, w_v=w_v, b_v=b_v)
@@ -220,33 +232,23 @@ def _on_each_device(params: MHAParams, x_q, x_kv, kv_length, *, plan: Plan):
     return out  # [b, Cq, D_out]
 
 
-def _attend(q, k, v, kv_length, *, plan: Plan):
-    """One example on one device: `[Cq, H/h, Dh], [Ck, Hkv/h, Dh] x2 -> [Cq, H/h, Dh]`."""
-    kv_length = kv_length if plan.padded else None
-    settings = dict(scale=plan.options.scale, softcap=plan.options.softcap, block_sizes=plan.block_sizes)
+def _attend(q, k, v, structure: Structure, *, plan: Plan):
+    """One example on one device: `[Cq, H/h, Dh], [Ck, Hkv/h, Dh] x2 -> [Cq, H/h, Dh]`, its
+    rules in global positions (its segment ids this device's rows)."""
+    settings = dict(options=plan.options, block_sizes=plan.block_sizes)
     if plan.seq_axis is None:
-        structure = Structure(plan.is_causal, plan.q_offset, kv_length, plan.window)
         return blockwise_attention(q, k, v, structure=structure, **settings)
-    return CONTEXTS[plan.context](
-        q,
-        k,
-        v,
-        axis_name=plan.seq_axis,
-        is_causal=plan.is_causal,
-        q_offset=plan.q_offset,
-        kv_length=kv_length,
-        window=plan.window,
-        layout=plan.layout,
-        **settings,
-    )
+    return CONTEXTS[plan.context](q, k, v, axis_name=plan.seq_axis, structure=structure, layout=plan.layout,
+                                  **settings)  # fmt: skip
 
 
-def _hide_unseen_rows(x_q, x_kv, kv_length, *, q_rows, k_rows, plan: Plan):
+def _hide_unseen_rows(x_q, x_kv, structure: Structure, *, q_rows, k_rows, plan: Plan):
     """Zero the key rows no query may see and the query rows that see nothing (one
     example, this device's rows, given by their global row numbers), as
     `mha_jax.core.zero_hidden_rows` does: garbage, NaN included, in padding then never
-    reaches a valid row or a gradient."""
-    rules = Structure(plan.is_causal, plan.q_offset, kv_length if plan.padded else None, plan.window)
+    reaches a valid row or a gradient. By every rule but segment ids, whose other rows
+    lie on other devices: a row hidden by them alone is attended to as zero weights."""
+    rules = structure.replace(segment_ids=None)
     if rules.is_trivial:
         return x_q, x_kv
     lo, hi = rules.keys_seen(q_rows, q_rows, plan.length_k)

@@ -41,7 +41,8 @@ from jax import Array
 
 from mha_jax import _checks
 from mha_jax.kernels import blockwise
-from mha_jax.masks import Structure, normalize_window
+from mha_jax.masks import Structure, check_structure
+from mha_jax.options import Options
 from mha_jax.parallel.layout import Layout, bound_axis_size, check_layout_for
 
 
@@ -51,11 +52,7 @@ class Ring(NamedTuple):
     axis_name: str
     axis_size: int
     layout: str  # "contiguous" | "striped"
-    is_causal: bool
-    window: tuple[int, int] | None
-    padded: bool  # a kv_length was given
-    scale: float | None
-    softcap: float | None
+    options: Options  # scale, softcap: what the kernel reads of them
     block_sizes: tuple[int, int] | None
 
 
@@ -65,34 +62,50 @@ def ring_attention(
     v: Array,  # [Ck, Hkv, Dh]
     *,
     axis_name: str,
-    is_causal: bool = False,
-    q_offset: int | Array = 0,
-    kv_length: int | Array | None = None,
-    window: int | tuple[int, int] | None = None,
+    structure: Structure | None = None,
+    options: Options | None = None,
     layout: Layout | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
     block_sizes: tuple[int, int] | None = None,
 ) -> Array:  # [Cq, H, Dh]
     """Attention of this device's queries to the keys of every device on `axis_name`:
     one example, called per device inside `jax.shard_map` (vmap it for a batch).
 
-    is_causal, q_offset, kv_length, window: the mask rules in *global* positions, as in
-    `mha_jax.attention` (window only with the contiguous layout: a striped chunk pair
-    is not a band). layout: where the rows lie (None: contiguous; `Layout("striped", N)`
-    balances causal work). The global lengths are `N·Cq` and `N·Ck`.
+    structure: the mask rules in *global* positions, as in `mha_jax.attention`, except
+    segment ids, which are this device's own rows: `(q_segment_ids [Cq], kv_segment_ids
+    [Ck])` in layout order (the key ids travel round the ring with their keys). Window,
+    chunk and prefix need the contiguous layout (a striped chunk pair is not a band).
+    options: scale and softcap as in `mha_jax.Options`. layout: where the rows lie (None:
+    contiguous; `Layout("striped", N)` balances causal work). Global lengths `N·Cq`, `N·Ck`.
     """
-    ring, q_offset, kv_length = _settle(
-        q, k, v, axis_name, is_causal, q_offset, kv_length, window, layout, scale, softcap, block_sizes
-    )
-    return _ring(q, k, v, q_offset, kv_length, ring)
+    ring, structure = _settle(q, k, v, axis_name, structure, options, layout, block_sizes)
+    return _ring(q, k, v, structure, ring)
 
 
-def _settle(q, k, v, axis_name, is_causal, q_offset, kv_length, window, layout, scale, softcap, block_sizes):
-    """Check one call (trace time) and make its static `Ring` and traced positions."""
+def _settle(q, k, v, axis_name, structure, options, layout, block_sizes):
+    """Check one call (trace time) and make its static `Ring` and its rules, positions int32."""
     axis_size = bound_axis_size(axis_name)
     layout = check_layout_for(layout, axis_name, axis_size)
-    _checks.check_bool_flag("is_causal", is_causal)
+    structure, options = check_rules(q, k, v, structure, options, block_sizes, axis_size * k.shape[0])
+    if layout.kind == "striped":
+        for name in ("window", "chunk", "prefix"):
+            if getattr(structure, name) is not None:
+                raise _checks.fail(f"structure.{name}", "be None with a striped layout (a striped chunk pair "
+                                   "is not a band)", getattr(structure, name))  # fmt: skip
+    ring = Ring(
+        axis_name, axis_size, layout.kind, options, None if block_sizes is None else tuple(block_sizes)
+    )
+    as_int32 = lambda value: None if value is None else jnp.asarray(value, jnp.int32)
+    structure = structure.replace(
+        q_offset=as_int32(structure.q_offset), kv_length=as_int32(structure.kv_length),
+        prefix=as_int32(structure.prefix),
+    )  # fmt: skip
+    return ring, structure
+
+
+def check_rules(q, k, v, structure, options, block_sizes, global_k: int):
+    """What every per-device function checks: the local chunks' shapes, the rules (their
+    segment ids a pair of this device's `[Cq]`, `[Ck]`), the settings. Returns the rules with
+    the segment ids as a pair, and the options."""
     _checks.check_rank("q", q, 3, "[Cq, H, Dh]")
     _checks.check_rank("k", k, 3, "[Ck, Hkv, Dh]")
     _checks.check_shape("v", v, k.shape, "[Ck, Hkv, Dh] (the shape of k)")
@@ -100,52 +113,49 @@ def _settle(q, k, v, axis_name, is_causal, q_offset, kv_length, window, layout, 
     _checks.check_divides("q.shape[1] (H)", q.shape[1], "k.shape[1] (Hkv)", k.shape[1])
     if q.shape[0] == 0 or k.shape[0] == 0:
         raise _checks.fail("q and k", "hold at least one row per device", f"shapes {q.shape}, {k.shape}")
-    window = normalize_window(window)
-    if window is not None and layout.kind == "striped":
-        raise _checks.fail(
-            "window", "be None with a striped layout (a striped chunk pair is not a band)", window
-        )
+    structure = Structure() if structure is None else structure
+    # The segment ids against the local chunks; the prefix, a position, against the global keys.
+    check_structure(structure.replace(prefix=None), q.shape[0], k.shape[0], name="structure.")
+    if structure.prefix is not None:
+        check_structure(structure.replace(segment_ids=None), q.shape[0], global_k, name="structure.")
+    if structure.segment_ids is not None:
+        structure = structure.replace(segment_ids=tuple(structure.segments))
+    options = Options() if options is None else options
+    if not isinstance(options, Options):
+        raise TypeError(f"options must be an mha_jax.Options or None; got {type(options).__name__}")
     if block_sizes is not None:
         _checks.check_block_sizes(block_sizes)
-    ring = Ring(
-        axis_name=axis_name,
-        axis_size=axis_size,
-        layout=layout.kind,
-        is_causal=bool(is_causal),
-        window=window,
-        padded=kv_length is not None,
-        scale=None if scale is None else float(scale),
-        softcap=None if softcap is None else float(softcap),
-        block_sizes=None if block_sizes is None else tuple(block_sizes),
-    )
-    kv_length = axis_size * k.shape[0] if kv_length is None else kv_length
-    return ring, jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_length, jnp.int32)
+    return structure, options
 
 
-def _chunk_rules(ring: Ring, me, src, q_offset, kv_length, length_q: int, length_k: int) -> Structure:
+def _chunk_rules(
+    ring: Ring, me, src, structure: Structure, kv_ids, length_q: int, length_k: int
+) -> Structure:
     """The global rules seen from device `me`'s queries and device `src`'s key chunk, in
     local row numbers (`Cq = length_q`, `Ck = length_k` rows per device).
 
-    contiguous: query row a is at me·Cq + a, key row b at src·Ck + b, so causality
-    `key <= query + q_offset` is `b <= a + (me·Cq - src·Ck + q_offset)`.
-    striped: query row a is at a·N + me, key row b at b·N + src, so it is
-    `b <= a + floor((me - src + q_offset) / N)`: a causal triangle shifted by 0 or -1
-    rows, the same work on every device. Padding `key < kv_length` becomes
-    `b < kv_length - src·Ck`, or `b < ceil((kv_length - src) / N)`.
+    contiguous: query row a is at position me·Cq + a + q_offset, key row b at src·Ck + b:
+    the rules move by offsets (q_offset, k_offset), every rule kept (causal, window,
+    chunk, prefix are on positions). striped: query row a is at a·N + me, key row b at
+    b·N + src, so causality `key <= query + q_offset` is `b <= a + floor((me - src +
+    q_offset) / N)`: a causal triangle shifted by 0 or -1 rows, the same work on every
+    device. Padding `key < kv_length` becomes `b < kv_length - src·Ck`, or
+    `b < ceil((kv_length - src) / N)`. Segment ids compare rows, not positions: the
+    queries' own and the travelling chunk's (`kv_ids`).
     """
-    n = ring.axis_size
+    n, kv_length = ring.axis_size, structure.kv_length
     if ring.layout == "striped":
-        offset = jnp.floor_divide(me - src + q_offset, n)
-        valid = -jnp.floor_divide(src - kv_length, n)  # ceil((kv_length - src) / N)
+        rules = structure.replace(q_offset=jnp.floor_divide(me - src + structure.q_offset, n))
+        valid = (
+            None if kv_length is None else -jnp.floor_divide(src - kv_length, n)
+        )  # ceil((kv_length - src) / N)
     else:
-        offset = me * length_q - src * length_k + q_offset
-        valid = kv_length - src * length_k
-    return Structure(
-        is_causal=ring.is_causal,
-        q_offset=offset,
-        kv_length=jnp.clip(valid, 0, length_k) if ring.padded else None,
-        window=ring.window,
-    )
+        rules = structure.replace(q_offset=me * length_q + structure.q_offset, k_offset=src * length_k)
+        valid = None if kv_length is None else kv_length - src * length_k
+    rules = rules.replace(kv_length=None if valid is None else jnp.clip(valid, 0, length_k))
+    if structure.segment_ids is not None:
+        rules = rules.replace(segment_ids=(structure.segment_ids[0], kv_ids))
+    return rules
 
 
 def _pass_on(arrays, ring: Ring):
@@ -162,84 +172,79 @@ def _merge(out, lse, out_step, lse_step):
     return out * weight(lse) + out_step * weight(lse_step), total
 
 
-def _forward(q, k, v, q_offset, kv_length, ring: Ring):
+def _kv_ids(structure: Structure):
+    """This device's key chunk's segment ids (None without segment ids): they travel round
+    the ring with their keys."""
+    return None if structure.segment_ids is None else structure.segment_ids[1]
+
+
+def _forward(q, k, v, structure: Structure, ring: Ring):
     me = jax.lax.axis_index(ring.axis_name)
     length_q, length_k = q.shape[0], k.shape[0]
 
-    def visit(step, k_chunk, v_chunk, out, lse):  # attend to the chunk of device me - step
+    def visit(step, k_chunk, v_chunk, kv_ids, out, lse):  # attend to the chunk of device me - step
         src = (me - step) % ring.axis_size
-        rules = _chunk_rules(ring, me, src, q_offset, kv_length, length_q, length_k)
+        rules = _chunk_rules(ring, me, src, structure, kv_ids, length_q, length_k)
         out_step, lse_step = blockwise.attention_with_lse(
-            q,
-            k_chunk,
-            v_chunk,
-            structure=rules,
-            scale=ring.scale,
-            softcap=ring.softcap,
-            block_sizes=ring.block_sizes,
+            q, k_chunk, v_chunk, structure=rules, options=ring.options, block_sizes=ring.block_sizes
         )
         return _merge(out, lse, out_step.astype(out.dtype), lse_step)
 
     def hop(step, carry):
-        k_chunk, v_chunk, out, lse = carry
-        k_next, v_next = _pass_on((k_chunk, v_chunk), ring)  # in flight while this step attends
-        out, lse = visit(step, k_chunk, v_chunk, out, lse)
-        return k_next, v_next, out, lse
+        k_chunk, v_chunk, kv_ids, out, lse = carry
+        k_next, v_next, ids_next = _pass_on((k_chunk, v_chunk, kv_ids), ring)  # in flight meanwhile
+        out, lse = visit(step, k_chunk, v_chunk, kv_ids, out, lse)
+        return k_next, v_next, ids_next, out, lse
 
     # float32 (float64 for float64) running result, as the kernel's. *_like q: the carries
     # vary over the same mesh axes as the inputs (shard_map checks).
     out = jnp.zeros_like(q, jnp.promote_types(q.dtype, jnp.float32))  # [Cq, H, Dh]
     lse = jnp.full_like(out[..., 0], -jnp.inf)  # [Cq, H]
-    k_chunk, v_chunk, out, lse = jax.lax.fori_loop(0, ring.axis_size - 1, hop, (k, v, out, lse))
-    out, lse = visit(ring.axis_size - 1, k_chunk, v_chunk, out, lse)  # the last chunk: no hop after it
+    kv_ids = _kv_ids(structure)
+    carry = jax.lax.fori_loop(0, ring.axis_size - 1, hop, (k, v, kv_ids, out, lse))
+    k_chunk, v_chunk, kv_ids, out, lse = carry
+    out, lse = visit(ring.axis_size - 1, k_chunk, v_chunk, kv_ids, out, lse)  # the last: no hop after it
     return out.astype(q.dtype), lse
 
 
 def _backward(ring: Ring, residuals, d_out):
-    q, k, v, out, lse, q_offset, kv_length = residuals
+    q, k, v, out, lse, structure = residuals
     me = jax.lax.axis_index(ring.axis_name)
     length_q, length_k = q.shape[0], k.shape[0]
 
-    def visit(step, k_chunk, v_chunk):  # this chunk's share of dq, and its dk, dv from our queries
+    def visit(step, k_chunk, v_chunk, kv_ids):  # this chunk's share of dq, and its dk, dv from our queries
         src = (me - step) % ring.axis_size
-        rules = _chunk_rules(ring, me, src, q_offset, kv_length, length_q, length_k)
+        rules = _chunk_rules(ring, me, src, structure, kv_ids, length_q, length_k)
         return blockwise.attention_backward_with_lse(
-            q,
-            k_chunk,
-            v_chunk,
-            out,
-            lse,
-            d_out,
-            structure=rules,
-            scale=ring.scale,
-            softcap=ring.softcap,
+            q, k_chunk, v_chunk, out, lse, d_out, structure=rules, options=ring.options,
             block_sizes=ring.block_sizes,
-        )
+        )  # fmt: skip
 
     def hop(step, carry):
-        k_chunk, v_chunk, dk, dv, dq = carry
-        k_next, v_next = _pass_on((k_chunk, v_chunk), ring)  # in flight while this step computes
-        dq_step, dk_step, dv_step = visit(step, k_chunk, v_chunk)
+        k_chunk, v_chunk, kv_ids, dk, dv, dq = carry
+        k_next, v_next, ids_next = _pass_on((k_chunk, v_chunk, kv_ids), ring)  # in flight meanwhile
+        dq_step, dk_step, dv_step = visit(step, k_chunk, v_chunk, kv_ids)
         dk, dv = _pass_on((dk + dk_step, dv + dv_step), ring)  # a chunk's gradients travel with it
-        return k_next, v_next, dk, dv, dq + dq_step
+        return k_next, v_next, ids_next, dk, dv, dq + dq_step
 
     acc = jnp.promote_types(q.dtype, jnp.float32)  # gradients add up in float32 over the steps
     dq, dk = jnp.zeros_like(q, acc), jnp.zeros_like(k, acc)
-    carry = jax.lax.fori_loop(0, ring.axis_size - 1, hop, (k, v, dk, dk, dq))
-    k_chunk, v_chunk, dk, dv, dq = carry
-    dq_step, dk_step, dv_step = visit(ring.axis_size - 1, k_chunk, v_chunk)
+    kv_ids = _kv_ids(structure)
+    carry = jax.lax.fori_loop(0, ring.axis_size - 1, hop, (k, v, kv_ids, dk, dk, dq))
+    k_chunk, v_chunk, kv_ids, dk, dv, dq = carry
+    dq_step, dk_step, dv_step = visit(ring.axis_size - 1, k_chunk, v_chunk, kv_ids)
     dk, dv = _pass_on((dk + dk_step, dv + dv_step), ring)  # the last hop: every chunk's gradients home
-    return (dq + dq_step).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    return (dq + dq_step).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _ring(q, k, v, q_offset, kv_length, ring):
-    return _forward(q, k, v, q_offset, kv_length, ring)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ring(q, k, v, structure, ring):
+    return _forward(q, k, v, structure, ring)[0]
 
 
-def _ring_fwd(q, k, v, q_offset, kv_length, ring):
-    out, lse = _forward(q, k, v, q_offset, kv_length, ring)
-    return out, (q, k, v, out, lse, q_offset, kv_length)
+def _ring_fwd(q, k, v, structure, ring):
+    out, lse = _forward(q, k, v, structure, ring)
+    return out, (q, k, v, out, lse, structure)
 
 
 _ring.defvjp(_ring_fwd, _backward)
@@ -250,25 +255,24 @@ def ring_work(
     axis_size: int,
     length_q: int,
     length_k: int | None = None,
-    is_causal: bool = False,
-    q_offset: int = 0,
-    kv_length: int | None = None,
+    structure: Structure | None = None,
     layout: Layout | None = None,
     block_sizes: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """`[N]`: the (query block, key block) tiles each device's forward computes over the
     whole ring, read from the kernel's own loop bounds (`blockwise.visited_blocks`) for
-    the rules each step hands it. Global lengths; the load balance of a layout."""
+    the rules each step hands it. Global lengths and rules (no segment ids); the load
+    balance of a layout."""
     length_k = length_q if length_k is None else length_k
     layout = check_layout_for(layout, "axis_size", axis_size)
     _checks.check_divides("length_q", length_q, "axis_size", axis_size)
     _checks.check_divides("length_k", length_k, "axis_size", axis_size)
-    ring = Ring("", axis_size, layout.kind, is_causal, None, kv_length is not None, None, None, block_sizes)
+    ring = Ring("", axis_size, layout.kind, Options(), block_sizes)
     chunk_q, chunk_k = length_q // axis_size, length_k // axis_size
-    kv_length = length_k if kv_length is None else kv_length
+    structure = Structure() if structure is None else structure
     work = np.zeros(axis_size, np.int64)
     for me in range(axis_size):
         for step in range(axis_size):
-            rules = _chunk_rules(ring, me, (me - step) % axis_size, q_offset, kv_length, chunk_q, chunk_k)
+            rules = _chunk_rules(ring, me, (me - step) % axis_size, structure, None, chunk_q, chunk_k)
             work[me] += int(blockwise.visited_blocks(rules, chunk_q, chunk_k, block_sizes))
     return work

@@ -25,8 +25,10 @@ from jax import Array
 
 from mha_jax import _checks
 from mha_jax.kernels.blockwise import blockwise_attention
-from mha_jax.masks import Structure, normalize_window
+from mha_jax.masks import Structure
+from mha_jax.options import Options
 from mha_jax.parallel.layout import Layout, bound_axis_size, check_layout_for, from_layout, to_layout
+from mha_jax.parallel.ring import check_rules
 
 
 def check_heads(num_heads: int, num_kv_heads: int, axis_size: int, axis_name: str, where: str = "") -> None:
@@ -44,22 +46,17 @@ def all_to_all_attention(
     v: Array,  # [Ck, Hkv, Dh]
     *,
     axis_name: str,
-    is_causal: bool = False,
-    q_offset: int | Array = 0,
-    kv_length: int | Array | None = None,
-    window: int | tuple[int, int] | None = None,
+    structure: Structure | None = None,
+    options: Options | None = None,
     layout: Layout | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
     block_sizes: tuple[int, int] | None = None,
 ) -> Array:  # [Cq, H, Dh]
     """As `ring_attention` (same arguments, one example per device inside `jax.shard_map`),
-    by all-to-all: every mask rule in global positions, any layout."""
+    by all-to-all: every mask rule in global positions, any layout; the segment ids of
+    every row are gathered (two `[L]` int arrays per device)."""
     axis_size = bound_axis_size(axis_name)
     layout = check_layout_for(layout, axis_name, axis_size)
-    _checks.check_rank("q", q, 3, "[Cq, H, Dh]")
-    _checks.check_rank("k", k, 3, "[Ck, Hkv, Dh]")
-    _checks.check_shape("v", v, k.shape, "[Ck, Hkv, Dh] (the shape of k)")
+    structure, options = check_rules(q, k, v, structure, options, block_sizes, axis_size * k.shape[0])
     check_heads(q.shape[1], k.shape[1], axis_size, axis_name)
     if k.shape[1] % axis_size:  # fewer kv heads than devices: one (repeated) kv head each
         k, v = (jnp.repeat(x, axis_size // k.shape[1], axis=1) for x in (k, v))
@@ -68,9 +65,9 @@ def all_to_all_attention(
         return jax.lax.all_to_all(x, axis_name, split_axis=1, concat_axis=0, tiled=True)
 
     q, k, v = (from_layout(heads_to_sequence(x), layout, axis=0) for x in (q, k, v))  # natural order
-    structure = Structure(is_causal, q_offset, kv_length, normalize_window(window))
-    heads = blockwise_attention(
-        q, k, v, structure=structure, scale=scale, softcap=softcap, block_sizes=block_sizes
-    )
+    if structure.segment_ids is not None:  # every row's id, in natural order
+        gather = lambda ids: from_layout(jax.lax.all_gather(ids, axis_name, tiled=True), layout, axis=0)
+        structure = structure.replace(segment_ids=tuple(gather(ids) for ids in structure.segment_ids))
+    heads = blockwise_attention(q, k, v, structure=structure, options=options, block_sizes=block_sizes)
     heads = to_layout(heads, layout, axis=0)  # [Lq, H / N, Dh]
     return jax.lax.all_to_all(heads, axis_name, split_axis=0, concat_axis=1, tiled=True)  # [Cq, H, Dh]
