@@ -24,7 +24,7 @@ import numpy as np
 from mha_jax import _checks
 from mha_jax.rope import RoPE
 
-IMPLEMENTATIONS = ("auto", "reference", "blockwise", "xla", "cudnn", "pallas")
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "xla", "cudnn", "pallas", "scan")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,9 +57,8 @@ from bench import block  # scripts/bench.py: block_until_ready for any result
 
 import mha_jax
 from mha_jax import kernels
-from mha_jax.decoding import KVCache, cached_attention, scan
-from mha_jax.decoding import step as decoding_step
-from mha_jax.kernels import blockwise
+from mha_jax.decoding import KVCache, cached_attention
+from mha_jax.kernels import blockwise, scan
 from mha_jax.masks import Structure
 from mha_jax.options import Options
 
@@ -202,8 +201,6 @@ def compiled_summary(step, params, cache, x) -> str:
 
 def auto_choice(length_k: int, dtype) -> str:
     """What `implementation="auto"` runs for a decode step over a cache of `length_k` slots."""
-    if decoding_step.uses_scan(Options(), 1, length_k):
-        return f"scan_cache (one loop over (example, block) pairs, blocks of {scan.BLOCK} keys)"
     request = kernels.Request.of(
         jax.ShapeDtypeStruct((1, NUM_HEADS, HEAD_DIM), jnp.float32),
         jax.ShapeDtypeStruct((length_k, NUM_HEADS, HEAD_DIM), dtype),
@@ -212,8 +209,10 @@ def auto_choice(length_k: int, dtype) -> str:
         structure=Structure(is_causal=True, q_offset=length_k - 2, kv_length=length_k - 1),
         options=Options(),
         return_weights=False,
-    )
+    )._replace(batched=True)  # a decode step hands the whole batch over (kernels.attend_batch)
     name = kernels.choose("auto", request).name
+    if name == "scan":
+        return f"scan_cache (one loop over (example, block) pairs, blocks of {scan.BLOCK} keys)"
     if name != "blockwise":
         return name
     block_q, block_k = blockwise.default_block_sizes(1, length_k)

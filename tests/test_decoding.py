@@ -14,8 +14,7 @@ import pytest
 import mha_jax as mj
 from mha_jax import kernels
 from mha_jax.decoding import KVCache, RoPE, cached_attention, init_cache
-from mha_jax.decoding.scan import scan_cache
-from mha_jax.decoding.step import uses_scan
+from mha_jax.kernels.scan import scan_cache
 from mha_jax.masks import Structure
 from tests.reference import normal
 
@@ -25,10 +24,14 @@ CAPACITY = 40
 
 FEATURES = {
     "plain": dict(),
-    "window": dict(window=(3, 0)),
+    "window": dict(rules=dict(window=(3, 0))),
     "softcap": dict(options=dict(softcap=2.0, scale=1.5)),
     "qk_norm_rope": dict(options=dict(rope=RoPE(theta=500.0, rotary_dim=2)), qk_norm=True),
-    "rope_interleaved_window": dict(options=dict(rope=RoPE(layout="interleaved")), window=4),
+    "rope_interleaved_window": dict(options=dict(rope=RoPE(layout="interleaved")), rules=dict(window=4)),
+    # Llama 4's chunks (3 positions: prompts and decode steps cross chunk boundaries), and a
+    # prefix per example, each within its prompt (a prefix is prefilled in one step)
+    "chunk": dict(rules=dict(chunk=3)),
+    "prefix_and_window": dict(rules=dict(prefix=(4, 1, 6), window=(2, 0))),
 }
 
 
@@ -41,13 +44,29 @@ def layer(qk_norm=False):
 
 
 @functools.cache
-def steps(implementation, window, options_items):
+def steps(implementation, rules_items, options_items):
     options = mj.Options(implementation=implementation, **dict(options_items))
-    step = functools.partial(cached_attention, num_heads=H, window=window, options=options)
+    rules = dict(rules_items)
+    if "prefix" in rules:
+        rules["prefix"] = jnp.array(rules["prefix"])
+    step = functools.partial(cached_attention, num_heads=H, options=options, **rules)
     full = functools.partial(
-        mj.batched_attention, num_heads=H, is_causal=True, window=window, options=options
+        mj.batched_attention, num_heads=H, structure=Structure(is_causal=True, **rules), options=options
     )
     return jax.jit(step), full
+
+
+def chosen(implementation: str, new: int, capacity: int) -> str:
+    """The kernel `kernels.choose` picks for a decode step's batch (what `attend_batch` asks)."""
+    q = jax.ShapeDtypeStruct((new, H, DH), jnp.float32)
+    k = jax.ShapeDtypeStruct((capacity, HKV, DH), jnp.float32)
+    rules = Structure(is_causal=True, q_offset=jnp.int32(0), kv_length=jnp.int32(1))
+    options = mj.Options(implementation=implementation)
+    request = kernels.Request.of(
+        q, k, mask=None, bias=None, structure=rules, options=options, return_weights=False
+    )
+    request = request._replace(batched=True)
+    return kernels.choose(implementation, request).name
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
@@ -56,12 +75,16 @@ def test_prefill_then_decode_equals_one_causal_forward(implementation, feature):
     spec = FEATURES[feature]
     params = layer(spec.get("qk_norm", False))
     x = normal(6, (B, T, D))
-    step, full = steps(implementation, spec.get("window"), tuple(sorted(spec.get("options", {}).items())))
+    step, full = steps(
+        implementation,
+        tuple(sorted(spec.get("rules", {}).items())),
+        tuple(sorted(spec.get("options", {}).items())),
+    )
     expected = full(params, x)  # [B, T, D]
 
     # "auto" on CPU with a cache over 512 slots: the decode loop of scan.py, prefill included (T=8)
     capacity = 600 if implementation == "auto" else CAPACITY
-    assert uses_scan(mj.Options(implementation=implementation), 8, capacity) == (implementation == "auto")
+    assert (chosen(implementation, 8, capacity) == "scan") == (implementation == "auto")
     cache = init_cache(B, capacity, HKV, DH)
     out, cache = step(params, x[:, :8], cache, lengths=PROMPTS)  # prefill: each its own prompt
     np.testing.assert_array_equal(cache.length, PROMPTS)
@@ -95,7 +118,8 @@ def test_decode_loop_equals_the_reference_across_blocks(window, dtype):
     garbage = jnp.arange(slots)[None, :, None, None] >= lengths[:, None, None, None]
     v = jnp.where(garbage, jnp.nan, v)  # never read: hidden slots hold anything
     options = mj.Options(softcap=3.0)
-    heads = scan_cache(q, k, v, offsets, lengths, window=window, options=options, block=8)
+    rules = Structure(is_causal=True, q_offset=offsets, kv_length=lengths, window=window)
+    heads = scan_cache(q, k, v, rules, options=options, block=8)
     reference = mj.Options(softcap=3.0, implementation="reference")
     for b in range(3):
         structure = Structure(is_causal=True, q_offset=offsets[b], kv_length=lengths[b], window=window)
@@ -221,6 +245,10 @@ BAD = [
      r"lengths must have shape \[B\]"),
     ("rope_too_wide", dict(options=mj.Options(rope=RoPE(rotary_dim=8))), ValueError,
      r"rope.rotary_dim must be at most Dh=4; got 8"),
+    ("chunk_negative", dict(chunk=-2), ValueError, r"chunk must be a positive int \(static\) or None"),
+    ("prefix_beyond_the_cache", dict(prefix=9), ValueError, r"prefix must lie in \[0, Lk=8\]"),
+    ("prefix_shape", dict(prefix=jnp.array([1, 2], jnp.int32)), ValueError, r"prefix must have shape \[B\]"),
+    ("prefix_float", dict(prefix=1.5), TypeError, r"prefix must have an integer dtype"),
 ]  # fmt: skip
 
 
@@ -229,6 +257,19 @@ def test_bad_decoding_input_is_named(case, exception, message):
     arguments = dict(cache=init_cache(B, 8, HKV, DH)) | case
     with pytest.raises(exception, match=message):
         cached_attention(layer(), normal(13, (B, 2, D)), arguments.pop("cache"), num_heads=H, **arguments)
+
+
+def test_the_scan_kernel_runs_batches_only_and_says_so():
+    """Asked for one example (attention, under the batched call's vmap), "scan" names why not;
+    through a decode step it equals the reference, GQA and a chunk rule included."""
+    with pytest.raises(ValueError, match=r'implementation="scan" cannot attend one example at a time'):
+        mj.attention(layer(), normal(14, (5, D)), num_heads=H, implementation="scan")
+    x, cache = normal(15, (B, 3, D)), init_cache(B, 20, HKV, DH)
+    out = {
+        name: cached_attention(layer(), x, cache, num_heads=H, chunk=2, implementation=name)[0]
+        for name in ("scan", "reference")
+    }
+    np.testing.assert_allclose(out["scan"], out["reference"], rtol=1e-5, atol=1e-5)
 
 
 def test_rope_over_an_odd_head_width_is_named():

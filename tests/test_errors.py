@@ -155,7 +155,7 @@ TABLE = [
         one(implementation="flash"),
         ValueError,
         r"implementation must be one of \['auto', 'reference', 'blockwise', 'xla', "
-        r"'cudnn', 'pallas'\]; got 'flash'",
+        r"'cudnn', 'pallas', 'scan'\]; got 'flash'",
     ),
     (
         "blockwise_cannot_drop_out",

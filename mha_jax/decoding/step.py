@@ -14,8 +14,15 @@ of each example are real; only those are appended, and the rows past them get
 zero heads (their output is the output bias). For a cache over 512 slots,
 "auto" visits only the key blocks some example can see, so a step costs what
 the filled length costs, whatever the capacity: on CPU a step of at most 16
-tokens runs one block loop for the whole batch (`scan.py`, written for the
-memory traffic of decoding), a longer one (a prefill) the blockwise kernel.
+tokens runs one block loop for the whole batch (the "scan" kernel,
+`kernels/scan.py`, written for the memory traffic of decoding), a longer one (a
+prefill) the blockwise kernel; `kernels.choose` decides, as for every call.
+
+Besides the causal rule, a step takes the position rules of `Structure`: a
+sliding `window`, Llama 4's `chunk`, a bidirectional `prefix` (prefill the
+prefix in one step: a prefix token sees the prefix tokens after it only when
+they come in the same step). Packed segment ids are not a decoding rule: the
+cache holds one sequence per example.
 
 What a step trusts, and what it does with values it cannot check:
 
@@ -45,8 +52,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from mha_jax import _checks, _validate, frame, kernels
 from mha_jax.decoding.cache import KVCache, append, check_room, raise_if_full
-from mha_jax.decoding.scan import SCAN_MAX_NEW, scan_cache
-from mha_jax.masks import Structure, normalize_window
+from mha_jax.masks import Structure, check_structure
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
 
@@ -60,6 +66,8 @@ def cached_attention(
     lengths: ArrayLike | None = None,
     positions: ArrayLike | None = None,
     window: int | tuple[int, int] | None = None,
+    chunk: int | None = None,
+    prefix: int | ArrayLike | None = None,
     scale: float | None = None,
     dtype: DTypeLike | None = None,
     implementation: str = "auto",
@@ -71,24 +79,27 @@ def cached_attention(
     lengths:   [B] int, new rows per example to keep (default: all T).
     positions: [B, T] int RoPE positions (default: `cache.length[b] + t`).
     window:    sliding window; keys more than `left` slots back are hidden.
+    chunk:     a query sees only the keys of its own block of `chunk` positions (Llama 4).
+    prefix:    int or [B]: keys before it are visible to every query (prefix-LM).
     scale, dtype, implementation: the settings, or `options=Options(...)` (its
     rope, softcap and qk_norm_eps apply; dropout does not: decoding is deterministic).
     """
+    rules = Structure(is_causal=True, window=window, chunk=chunk, prefix=prefix)
     structure, options = _validate.settle(
-        None, options, deterministic=True, is_causal=False, q_offset=0, kv_length=None, window=None,
+        rules, options, deterministic=True, is_causal=False, q_offset=0, kv_length=None, window=None,
         scale=scale, dropout_rate=0.0, dtype=dtype, implementation=implementation,
     )  # fmt: skip
-    window = normalize_window(window)
     params = _validate.as_params(params)
     x = _checks.as_array("x", x)
     _checks.check_rank("x", x, 3, "[B, T, D]")
     _checks.check_floating("x", x)
     _checks.check_bool_flag("check_capacity", check_capacity)
     sizes = _validate.check_call(params, x, x, num_heads=num_heads, mask=None, bias=None,
-                                 structure=structure, options=options, rng=None, return_weights=False,
-                                 batch=x.shape[0])  # fmt: skip
+                                 structure=structure.replace(prefix=None), options=options, rng=None,
+                                 return_weights=False, batch=x.shape[0])  # fmt: skip
     batch, new = x.shape[:2]
     cache = check_cache(cache, batch, sizes)
+    check_structure(structure.replace(window=None), new, cache.capacity, batch)  # a prefix: within the cache
     if lengths is None:
         lengths = jnp.full((batch,), new, jnp.int32)
     lengths = _checks.as_array("lengths", lengths)
@@ -108,7 +119,7 @@ def cached_attention(
     if new == 0:  # nothing to append or attend
         out_dtype = x.dtype if options.dtype is None else options.dtype
         return jnp.zeros((batch, 0, params.w_o.shape[1]), out_dtype), cache
-    return _cached(params, x, cache, lengths, positions, num_heads=num_heads, window=window,
+    return _cached(params, x, cache, lengths, positions, num_heads=num_heads, structure=structure,
                    options=options)  # fmt: skip
 
 
@@ -137,14 +148,18 @@ def check_cache(cache: KVCache, batch: int, sizes: _validate.Sizes) -> KVCache:
     return cache
 
 
-def _cached(params, x, cache: KVCache, lengths, positions, *, num_heads, window, options: Options):
-    """The data path, unchecked (`lengths` in [0, T] and `cache.length` in [0, S], int32): the
-    layer frame with the decode step's attend, which appends the new keys and values (rotated:
-    the cache holds rotated keys, so they are never rotated again) and attends to the cache."""
+def _cached(
+    params, x, cache: KVCache, lengths, positions, *, num_heads, structure: Structure, options: Options
+):
+    """The data path, unchecked (`lengths` in [0, T] and `cache.length` in [0, S], int32;
+    `structure` the step's position rules): the layer frame with the decode step's attend,
+    which appends the new keys and values (rotated: the cache holds rotated keys, so they are
+    never rotated again) and attends to the cache."""
     batch, new, _ = x.shape
     kept = jnp.arange(new) < lengths[:, None]  # [B, T]: the real rows of a ragged batch
     if positions is None:
         positions = cache.length[:, None] + jnp.arange(new, dtype=jnp.int32)  # [B, T]
+    per_example = lambda a: None if a is None else jnp.broadcast_to(a, (batch,))
 
     def hide(x, _):  # padding rows hold anything: zero them
         x = jnp.where(kept[..., None], x, 0)
@@ -152,32 +167,12 @@ def _cached(params, x, cache: KVCache, lengths, positions, *, num_heads, window,
 
     def attend(q, k, v):  # q [B, T, H, Dh], k and v [B, T, Hkv, Dh]
         k_cache, v_cache, filled = jax.vmap(append)(cache.k, cache.v, cache.length, k, v, lengths)
-        if uses_scan(options, new, k_cache.shape[1], jnp.result_type(q, k_cache)):  # one loop for the batch
-            heads = scan_cache(q, k_cache, v_cache, cache.length, filled, window=window, options=options)
-        else:
-            heads = jax.vmap(one)(q, k_cache, v_cache, cache.length, filled)  # [B, T, H, Dh]
+        # Query t of example b sits at slot length[b] + t and sees the filled slots by the rules.
+        rules = structure.replace(
+            q_offset=cache.length, kv_length=filled, prefix=per_example(structure.prefix)
+        )
+        heads = kernels.attend_batch(q, k_cache, v_cache, structure=rules, options=options)  # [B, T, H, Dh]
         return jnp.where(kept[..., None, None], heads, 0), KVCache(k_cache, v_cache, filled)
-
-    def one(q, k_cache, v_cache, length, filled):  # one example: causal over the filled slots
-        structure = Structure(is_causal=True, q_offset=length, kv_length=filled, window=window)
-        heads, _ = kernels.attend(q, k_cache, v_cache, mask=None, bias=None, structure=structure,
-                                  options=options, rng=None, return_weights=False)  # fmt: skip
-        return heads
 
     return frame.layer(params, x, x, num_heads=num_heads, options=options, hide=hide, attend=attend,
                        positions=(positions, positions))  # fmt: skip
-
-
-def uses_scan(options: Options, new: int, capacity: int, dtype: DTypeLike = jnp.float32) -> bool:
-    """Whether `implementation="auto"` attends with `scan_cache`: on CPU, a step of at most
-    `SCAN_MAX_NEW` tokens against a cache of more than `BLOCKWISE_MIN_CACHE` slots (below, the
-    reference's one fused pass is as fast), computing in float32 or narrower (scan_cache
-    computes in float32; float64 stays with the kernels that keep it). An explicit
-    implementation keeps its kernel."""
-    return (
-        options.implementation == "auto"
-        and jax.default_backend() == "cpu"
-        and new <= SCAN_MAX_NEW
-        and capacity > kernels.BLOCKWISE_MIN_CACHE
-        and jnp.dtype(dtype).itemsize <= 4
-    )

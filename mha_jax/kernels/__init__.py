@@ -6,14 +6,19 @@
     "xla"        jax.nn.dot_product_attention(implementation="xla") O(L²)
     "cudnn"      the same with cuDNN (GPU, bf16/f16)                O(L)
     "pallas"     JAX's Pallas flash kernels (GPU Triton, TPU)       O(L)
+    "scan"       a batch of a few queries against a long cache:     O(L)
+                 one block loop for the whole batch (decoding)
     "auto"       cuDNN on GPU and Pallas on TPU when they can honour the call; on
                  CPU the reference below BLOCKWISE_MIN_PAIRS (query, key) pairs,
                  blockwise above, and blockwise for a padded or cached Lk above
-                 BLOCKWISE_MIN_CACHE (it skips the empty blocks); the reference
-                 whenever dropout or weights are asked
+                 BLOCKWISE_MIN_CACHE (it skips the empty blocks), or "scan" for a
+                 whole batch (`attend_batch`) of at most SCAN_MAX_NEW queries there;
+                 the reference whenever dropout or weights are asked
 
 Each kernel is one entry: what it `cannot` do for a `Request` and how it
-`run`s. `attend` makes the one call. An explicit choice that cannot honour an
+`run`s. `attend` makes the one call for one example; `attend_batch` for a batch
+under rules only (a decode step), where a batched kernel runs the batch at once
+and any other runs under `vmap`: one `choose` decides both. An explicit choice that cannot honour an
 option is an error naming what it cannot do, never a silent fallback that
 would change the numbers; every kernel returns zeros for a row with no
 visible key, like the reference.
@@ -28,13 +33,15 @@ never reads the blocks no query sees). Weights of zero cannot stop
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 
-from mha_jax.kernels import blockwise, jax_nn, pallas, reference
+from mha_jax.kernels import blockwise, jax_nn, pallas, reference, scan
 from mha_jax.kernels.request import Request
 from mha_jax.masks import Structure
 from mha_jax.options import IMPLEMENTATIONS, Options
@@ -45,6 +52,7 @@ class Kernel(NamedTuple):
     cannot: Callable[[Request], list[str]]  # [] when it computes the call as the reference would
     run: Callable  # (q, k, v, *, mask, bias, structure, options, rng) -> (heads, weights or None)
     zeroes_unseen_keys: bool = False  # True: it zeroes the hidden keys of the blocks it reads
+    batched: bool = False  # True: run takes a batch ([B, ...] arrays, rules with a leading B)
 
 
 KERNELS = {
@@ -55,6 +63,7 @@ KERNELS = {
         Kernel("xla", jax_nn.xla_cannot, jax_nn.xla_run),
         Kernel("cudnn", jax_nn.cudnn_cannot, jax_nn.cudnn_run),
         Kernel("pallas", pallas.cannot, pallas.run),
+        Kernel("scan", scan.cannot, scan.run, zeroes_unseen_keys=True, batched=True),
     )
 }
 assert tuple(KERNELS) == IMPLEMENTATIONS[1:], "options.IMPLEMENTATIONS names the kernels"
@@ -64,6 +73,7 @@ assert tuple(KERNELS) == IMPLEMENTATIONS[1:], "options.IMPLEMENTATIONS names the
 # blockwise path wins forward and backward (docs/bench_time.md).
 BLOCKWISE_MIN_PAIRS = 512 * 512
 BLOCKWISE_MIN_CACHE = 512
+SCAN_MAX_NEW = scan.SCAN_MAX_NEW  # above this many queries, its block-diagonal waste outgrows the gain
 
 
 def choose(implementation: str, request: Request) -> Kernel:
@@ -83,6 +93,13 @@ def choose(implementation: str, request: Request) -> Kernel:
     long = request.length_q * request.length_k >= BLOCKWISE_MIN_PAIRS
     # A KV cache (kv_length over many slots): blockwise visits the filled blocks only.
     cache = request.structure.kv_length is not None and request.length_k > BLOCKWISE_MIN_CACHE
+    if (
+        cache
+        and request.backend == "cpu"
+        and request.length_q <= SCAN_MAX_NEW
+        and not KERNELS["scan"].cannot(request)
+    ):
+        return KERNELS["scan"]  # a decode step: one loop for the batch, written for the cache reads
     if (long or cache) and not KERNELS["blockwise"].cannot(request):
         return KERNELS["blockwise"]
     return KERNELS["reference"]
@@ -121,6 +138,32 @@ def attend(
     return heads, weights if return_weights else None
 
 
+def attend_batch(q: Array, k: Array, v: Array, *, structure: Structure, options: Options) -> Array:
+    """`[B, Lq, H, Dh], [B, Lk, Hkv, Dh] x2 -> heads [B, Lq, H, Dh]` under `structure`, every
+    array of it with a leading B (no mask, bias, dropout or weights: a decode step's call).
+
+    Unchecked, like `attend`. One choice for the batch: a batched kernel runs it at once,
+    any other kernel one example at a time under `vmap`."""
+    batch, length_q, length_k = q.shape[0], q.shape[1], k.shape[1]
+    if structure.kv_length is not None:
+        structure = structure.replace(kv_length=jnp.clip(structure.kv_length, 0, length_k))
+    example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), structure)
+    request = Request.of(
+        q[0] if batch else jax.ShapeDtypeStruct(q.shape[1:], q.dtype), k[0] if batch else
+        jax.ShapeDtypeStruct(k.shape[1:], k.dtype), mask=None, bias=None, structure=example,
+        options=options, return_weights=False,
+    )._replace(batched=True)  # fmt: skip
+    kernel = choose(options.implementation, request)
+    if not kernel.batched:  # the same kernel for each example, under vmap
+        chosen = dataclasses.replace(options, implementation=kernel.name)
+        one = lambda q, k, v, rules: attend(q, k, v, mask=None, bias=None, structure=rules, options=chosen,
+                                            rng=None, return_weights=False)[0]  # fmt: skip
+        return jax.vmap(one)(q, k, v, structure)
+    if batch == 0 or length_q == 0 or length_k == 0:
+        return jnp.zeros_like(q)
+    return kernel.run(q, k, v, structure=structure, options=options)
+
+
 def zero_unseen_keys(k: Array, v: Array, structure: Structure, length_q: int) -> tuple[Array, Array]:
     """`[Lk, Hkv, Dh]` keys and values with the ones no query may see (by the structure) zeroed.
     O(Lk) to decide; a no-op for a structure that hides nothing."""
@@ -130,4 +173,13 @@ def zero_unseen_keys(k: Array, v: Array, structure: Structure, length_q: int) ->
     return jnp.where(seen, k, 0), jnp.where(seen, v, 0)
 
 
-__all__ = ["BLOCKWISE_MIN_PAIRS", "KERNELS", "Kernel", "Request", "attend", "choose"]
+__all__ = [
+    "BLOCKWISE_MIN_PAIRS",
+    "KERNELS",
+    "SCAN_MAX_NEW",
+    "Kernel",
+    "Request",
+    "attend",
+    "attend_batch",
+    "choose",
+]

@@ -28,6 +28,7 @@ class Request(NamedTuple):
     return_weights: bool
     softcap: float | None = None
     gpu_capability: tuple[int, int] = (0, 0)  # compute capability of a GPU backend
+    batched: bool = False  # the caller hands over a whole batch (`attend_batch`), not one example
 
     @classmethod
     def of(cls, q, k, *, mask, bias, structure, options, return_weights) -> Request:

@@ -1,8 +1,10 @@
 """A few new queries against a long cache: one loop over key blocks, shared by the whole batch.
 
-    heads = scan_cache(q, k_cache, v_cache, q_offset, kv_length, window=window, options=options)
+    heads = scan_cache(q [B, T, H, Dh], k_cache, v_cache [B, S, Hkv, Dh], structure, options=options)
 
-Decoding is bound by reading the cache, so this path is written for the memory traffic:
+The registry's one *batched* kernel (`kernels.attend_batch`): the others attend one
+example at a time under `vmap`. Decoding is bound by reading the cache, so this path is
+written for the memory traffic:
 
 - The loop runs over the blocks any example can see (from `Structure.keys_seen`, the
   smallest start to the largest end in the batch), with one scalar block index for the
@@ -16,10 +18,14 @@ Decoding is bound by reading the cache, so this path is written for the memory t
   own KV head's slice at the end.
 - The softmax is online over the blocks, in float32, as in the blockwise kernel: a running
   max, sum and accumulator per (head, query); a row that sees no key gives zeros.
+- The rules are the batch's `Structure`, every array of it with a leading B; each block
+  reads its example's own rules (`allows`), so every position rule (causal, kv_length,
+  window, chunk, prefix) works here as in the other kernels.
 
 The numbers agree with the blockwise and reference kernels to float32 rounding
-(tests/test_decoding.py); `cached_attention` uses this path for `implementation="auto"`
-on CPU when a step brings at most `SCAN_MAX_NEW` tokens (docs/bench_decode.md).
+(tests/test_decoding.py); `implementation="auto"` chooses it on CPU for a batch of at
+most `SCAN_MAX_NEW` queries against a padded cache of over `BLOCKWISE_MIN_CACHE` slots
+(docs/bench_decode.md).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from mha_jax import stages
+from mha_jax.kernels.request import Request, float32_softmax_limits, fused_limits
 from mha_jax.masks import Structure
 from mha_jax.options import Options
 
@@ -38,16 +45,29 @@ SCAN_MAX_NEW = 16  # above this many new tokens, the block-diagonal waste outgro
 BLOCK = 2048  # keys per step: big enough to amortise the loop, small enough to stay near the cache
 
 
-def scan_cache(
-    q: Array, k_cache: Array, v_cache: Array, q_offset: Array, kv_length: Array, *, window, options: Options,
-    block: int = BLOCK,
-) -> Array:  # fmt: skip
-    """`q [B, T, H, Dh]` at positions `q_offset [B] + t`, caches `[B, S, Hkv, Dh]` filled to
-    `kv_length [B]`, causal, within `window` -> heads `[B, T, H, Dh]` in q's dtype. No bias,
-    mask or dropout."""
+def cannot(request: Request) -> list[str]:
+    reasons = fused_limits(request) + float32_softmax_limits(request)
+    if not request.batched:
+        reasons.append("attend one example at a time (it runs a whole batch: kernels.attend_batch, "
+                       "as cached_attention does)")  # fmt: skip
+    if request.has_mask or request.has_bias:
+        reasons.append("take a dense mask or bias (it reads the rules only)")
+    if request.structure.segment_ids is not None:
+        reasons.append("take segment ids (use the blockwise kernel)")
+    return reasons
 
-    def structure(offset, length):  # one example's rules
-        return Structure(is_causal=True, q_offset=offset, kv_length=length, window=window)
+
+def run(q, k, v, *, structure: Structure, options: Options) -> Array:
+    return scan_cache(q, k, v, structure, options=options)
+
+
+def scan_cache(
+    q: Array, k_cache: Array, v_cache: Array, structure: Structure, *, options: Options, block: int = BLOCK
+) -> Array:
+    """`q [B, T, H, Dh]` against caches `[B, S, Hkv, Dh]` under `structure` (each of its
+    arrays `[B]`: one example's rules per row) -> heads `[B, T, H, Dh]` in q's dtype. No
+    bias, mask or dropout."""
+    example = lambda b: jax.tree.map(lambda a: a[b], structure)  # example b's rules
 
     batch, new, heads, width = q.shape
     slots, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -63,7 +83,7 @@ def scan_cache(
     # of the cache (slicing all B examples' blocks at once copies a strided [B, C, ...]: slower).
     # Every example runs the blocks of the batch's longest range; a block it cannot see is
     # masked out whole (the cost of a ragged batch).
-    lo, hi = jax.vmap(lambda o, n: structure(o, n).keys_seen(0, new - 1, slots))(q_offset, kv_length)  # [B]
+    lo, hi = jax.vmap(lambda rules: rules.keys_seen(0, new - 1, slots))(structure)  # [B]
     first = jnp.min(jnp.where(hi > lo, lo, slots)) // block
     count = jnp.maximum((jnp.max(hi) + block - 1) // block - first, 0)  # blocks per example
     rows = jnp.arange(new)
@@ -79,7 +99,7 @@ def scan_cache(
         k = jax.lax.dynamic_slice(k_cache, (b, start, 0, 0), (1, block, kv_heads, width)).astype(jnp.float32)
         v = jax.lax.dynamic_slice(v_cache, (b, start, 0, 0), (1, block, kv_heads, width)).astype(jnp.float32)
         k, v = k.reshape(block, kv_heads * width), v.reshape(block, kv_heads * width)  # [C, Hkv·Dh]
-        visible = structure(q_offset[b], kv_length[b]).allows(rows, keys) & (keys >= i * block)  # [T, C]
+        visible = example(b).allows(rows, keys) & (keys >= i * block)  # [T, C]
         # Hidden slots hold anything (unfilled, old values): zero them, as every kernel does
         # (the values for the output, the keys for the gradients; measured free here).
         seen = visible.any(axis=0)[:, None]  # [C, 1]
