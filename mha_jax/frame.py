@@ -10,8 +10,9 @@ that each entrance plugs in (the batched call, the decode step, the mesh layer):
       ─► out [B, Lq, D_out]
 
 Hiding inputs first matters: masking the scores cannot stop `0 · NaN` in the projections'
-gradients when padding holds garbage (pytorch#101967). The stages are called unchecked: each
-entrance validated its call once, at its boundary.
+gradients when padding holds garbage (pytorch#101967). The stages are called in their
+unchecked forms (`*_unchecked`): each entrance validated its call once, at its boundary, and
+the checks are not repeated on the data path (tests/test_layering.py holds this).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from jax import Array
 
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
-from mha_jax.qk_norm import qk_norm
-from mha_jax.rope import apply_rope
-from mha_jax.stages import merge_project, project_heads
+from mha_jax.qk_norm import rms_norm_unchecked
+from mha_jax.rope import apply_rope_unchecked
+from mha_jax.stages import merge_project_unchecked, project_heads_unchecked
 
 
 def layer(
@@ -56,17 +57,17 @@ def layer(
 
     rows = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # [B, L, ...] -> [B·L, ...]
     unrows = lambda x, length: x.reshape(batch, length, *x.shape[1:])
-    q = project_heads(rows(x_q), params.w_q, params.b_q, num_heads)  # [B·Lq, H, Dh]
-    k = project_heads(rows(x_kv), params.w_k, params.b_k, num_kv_heads)  # [B·Lk, Hkv, Dh]
-    v = project_heads(rows(x_kv), params.w_v, params.b_v, num_kv_heads)  # [B·Lk, Hkv, Dh]
+    q = project_heads_unchecked(rows(x_q), params.w_q, params.b_q, num_heads)  # [B·Lq, H, Dh]
+    k = project_heads_unchecked(rows(x_kv), params.w_k, params.b_k, num_kv_heads)  # [B·Lk, Hkv, Dh]
+    v = project_heads_unchecked(rows(x_kv), params.w_v, params.b_v, num_kv_heads)  # [B·Lk, Hkv, Dh]
     q, k = normalize_qk(params, q, k, options)
     q, k, v = unrows(q, length_q), unrows(k, length_k), unrows(v, length_k)
     if options.rope is not None:  # each row at its own position
-        rotate = jax.vmap(apply_rope, in_axes=(0, 0, None))
+        rotate = jax.vmap(apply_rope_unchecked, in_axes=(0, 0, None))
         q, k = rotate(q, positions[0], options.rope), rotate(k, positions[1], options.rope)
 
     heads, extra = attend(q, k, v)  # [B, Lq, H, Dh]
-    out = merge_project(rows(heads), params.w_o, None)  # [B·Lq, D_out]
+    out = merge_project_unchecked(rows(heads), params.w_o, None)  # [B·Lq, D_out]
     out = out if reduce is None else reduce(out)
     out = out if params.b_o is None else out + params.b_o
     return unrows(out, length_q), extra  # [B, Lq, D_out]
@@ -76,8 +77,8 @@ def normalize_qk(params: MHAParams, q, k, options: Options):
     """QK-norm when the params hold its scales: RMS over each head's Dh features, before RoPE."""
     if params.q_norm is None:
         return q, k
-    return (qk_norm(q, params.q_norm, eps=options.qk_norm_eps),
-            qk_norm(k, params.k_norm, eps=options.qk_norm_eps))  # fmt: skip
+    return (rms_norm_unchecked(q, params.q_norm, eps=options.qk_norm_eps),
+            rms_norm_unchecked(k, params.k_norm, eps=options.qk_norm_eps))  # fmt: skip
 
 
 def default_positions(offset, batch: int, length: int) -> Array:

@@ -50,7 +50,12 @@ def rms_norm(x: ArrayLike, scale: ArrayLike, *, eps: float = 1e-6, scale_plus_on
         raise _checks.fail("eps", "be a positive finite number", repr(eps))
     if not isinstance(scale_plus_one, bool | np.bool_):  # a traced or string flag would be truthy
         raise TypeError(f"scale_plus_one must be a Python bool; got {scale_plus_one!r}")
+    return rms_norm_unchecked(x, scale, eps=eps, scale_plus_one=scale_plus_one)
 
+
+def rms_norm_unchecked(x: Array, scale: Array, *, eps: float, scale_plus_one: bool = False) -> Array:
+    """`rms_norm` without its checks, for the data path (QK-norm of `[..., H, Dh]` heads: the
+    public call checked the scales' shapes and eps once)."""
     compute = jnp.promote_types(x.dtype, jnp.float32)
     features = x.astype(compute)
     mean_square = jnp.mean(jnp.square(features), axis=-1, keepdims=True)

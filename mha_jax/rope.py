@@ -257,8 +257,14 @@ def apply_rope(x: ArrayLike, positions: ArrayLike, rope: RoPE) -> Array:
     _checks.check_integer("positions", positions)
     if not isinstance(rope, RoPE):
         raise TypeError(f"rope must be a RoPE; got {rope!r}")
-    rotary_dim = rotary_size(rope, head_dim, name="x.shape[2] (Dh)")
+    rotary_size(rope, head_dim, name="x.shape[2] (Dh)")
+    return apply_rope_unchecked(x, positions, rope)
 
+
+def apply_rope_unchecked(x: Array, positions: Array, rope: RoPE) -> Array:
+    """`apply_rope` without its checks, for the data path (the public call checked them once)."""
+    head_dim = x.shape[2]
+    rotary_dim = head_dim if rope.rotary_dim is None else rope.rotary_dim
     cos, sin = rotation_angles(positions, inverse_frequencies(rope, head_dim))  # [L, R/2] each
     compute = jnp.promote_types(x.dtype, jnp.float32)
     turned = rotate(x[..., :rotary_dim].astype(compute), cos, sin, rope.layout)  # [L, H, R]

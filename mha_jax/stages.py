@@ -71,6 +71,12 @@ def project_heads(
     features = w.shape[1]
     if features % num_heads:
         raise _checks.fail("num_heads", f"divide the {features} projected features", num_heads)
+    return project_heads_unchecked(x, w, b, num_heads)
+
+
+def project_heads_unchecked(x: Array, w: Array, b: Array | None, num_heads: int) -> Array:
+    """`project_heads` without its checks, for the data path (the public call checked once)."""
+    features = w.shape[1]
     if x.shape[0] < features:
         y = x @ w if b is None else x @ w + b
         return y.reshape(x.shape[0], num_heads, features // num_heads)
@@ -86,6 +92,12 @@ def merge_project(
     _checks.check_rank("heads", heads, 3, "[N, H, Dh]")
     length, num_heads, head_dim = heads.shape
     _check_projection(heads.reshape(length, num_heads * head_dim), w, b, "[N, H*Dh]", name="heads")
+    return merge_project_unchecked(heads, w, b)
+
+
+def merge_project_unchecked(heads: Array, w: Array, b: Array | None) -> Array:
+    """`merge_project` without its checks, for the data path (the public call checked once)."""
+    length, num_heads, head_dim = heads.shape
     if length < w.shape[1]:
         y = heads.reshape(length, num_heads * head_dim) @ w
     else:

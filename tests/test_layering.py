@@ -86,3 +86,45 @@ def test_the_decoding_package_loads_without_a_lazy_import():
 
     assert not hasattr(mha_jax.decoding, "__getattr__")
     assert callable(mha_jax.decoding.cached_attention)
+
+
+def test_the_data_path_calls_no_checked_stage(monkeypatch):
+    """Validation happens once, at the public boundary: with every checked stage replaced by one
+    that fails, the batched call (QK-norm, RoPE, GQA), a decode step and the per-example call
+    still run, so none of them checks its stages again on the data path."""
+    import sys
+
+    import jax
+    import numpy as np
+
+    import mha_jax.qk_norm
+    import mha_jax.rope
+    import mha_jax.stages
+    from mha_jax.decoding import cached_attention, init_cache
+
+    stages, rope, norm = mha_jax.stages, mha_jax.rope, mha_jax.qk_norm
+    checked = [(stages, "project_heads"), (stages, "merge_project"), (stages, "split_heads"),
+               (stages, "merge_heads"), (rope, "apply_rope"), (norm, "qk_norm"),
+               (norm, "rms_norm")]  # fmt: skip
+    originals = {id(getattr(module, name)) for module, name in checked}
+    params = mha_jax.init_params(jax.random.PRNGKey(0), 16, 4, num_kv_heads=2, qk_norm=True)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 16))
+    options = mha_jax.Options(rope=mha_jax.RoPE())
+    expected = mha_jax.batched_attention(params, x, num_heads=4, is_causal=True, options=options)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checked stage was called on the data path")
+
+    patched = 0
+    for module in [m for n, m in sys.modules.items() if n == "mha_jax" or n.startswith("mha_jax.")]:
+        for attribute, value in list(vars(module).items()):
+            if callable(value) and id(value) in originals:
+                monkeypatch.setattr(module, attribute, refuse)
+                patched += 1
+    assert patched >= len(checked)
+    with jax.disable_jit():  # traced afresh: a cached compilation would hide a call
+        got = mha_jax.batched_attention(params, x, num_heads=4, is_causal=True, options=options)
+        out, _ = cached_attention(params, x, init_cache(2, 8, 2, 4), num_heads=4, options=options)
+        mha_jax.attention(params, x[0], num_heads=4, is_causal=True, options=options)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
