@@ -128,3 +128,39 @@ def test_the_data_path_calls_no_checked_stage(monkeypatch):
         mha_jax.attention(params, x[0], num_heads=4, is_causal=True, options=options)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def uses(word: str) -> set[str]:
+    """The files of mha_jax whose code (not docstrings) names `word`: as an attribute, a
+    keyword, a name or argument, or a string (a field looked up with getattr)."""
+    found = set()
+    for path in sorted(pathlib.Path(mha_jax.__file__).parent.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        bodies = [n for n in ast.walk(tree) if isinstance(n, ast.Module | ast.FunctionDef | ast.ClassDef)]
+        docs = {id(n.body[0].value) for n in bodies if n.body and isinstance(n.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if (
+                (isinstance(node, ast.Attribute) and node.attr == word)
+                or (isinstance(node, ast.keyword | ast.arg) and node.arg == word)
+                or (isinstance(node, ast.Name) and node.id == word)
+                or (isinstance(node, ast.Constant) and node.value == word and id(node) not in docs)
+            ):
+                found.add("mha_jax/" + path.relative_to(pathlib.Path(mha_jax.__file__).parent).as_posix())
+                break
+    return found
+
+
+def test_contributing_lists_every_file_a_feature_touches():
+    """README, Contributing: "- `softcap` touches: `a.py` (...), `b.py`" lists exactly the files
+    whose code names the feature: a new file using it, or a stale entry, fails here."""
+    import re
+
+    readme = (pathlib.Path(mha_jax.__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Contributing") :]
+    entries = re.findall(r"^- `(\w+)` touches: (.*?)(?=^\S|^- |\n\n)", section, flags=re.M | re.S)
+    listed = {word: set(re.findall(r"`(mha_jax/[\w/]+\.py)`", files)) for word, files in entries}
+    assert set(listed) == {"softcap", "chunk", "segment_ids"}, listed
+    for word, files in listed.items():
+        assert uses(word) == files, (
+            f"{word}: the code names it in {sorted(uses(word))}; README lists {sorted(files)}"
+        )

@@ -37,7 +37,7 @@ from mha_jax.options import Options
 from mha_jax.parallel import sharding
 from mha_jax.parallel.gather import all_gather_attention
 from mha_jax.parallel.layout import Layout, check_layout_for
-from mha_jax.parallel.ring import ring_attention
+from mha_jax.parallel.ring import refuse_bands, ring_attention
 from mha_jax.parallel.ulysses import all_to_all_attention, check_heads
 from mha_jax.params import MHAParams
 
@@ -117,10 +117,7 @@ def mesh_attention(
         q_offset = structure.q_offset
         raise _checks.fail("q_offset", "be a Python int (the same for every example)", repr(q_offset))
     if context == "ring" and layout.kind == "striped":
-        for name in ("window", "chunk", "prefix"):
-            if getattr(structure, name) is not None:
-                raise _checks.fail(name, "be None for a striped ring (a striped chunk pair is not a band)",
-                                   repr(getattr(structure, name)))  # fmt: skip
+        refuse_bands(structure)
     _validate.check_call(
         params, x_q, x_kv, num_heads=num_heads, mask=None, bias=None, structure=structure,
         options=options, rng=None, return_weights=False, batch=batch,

@@ -87,10 +87,7 @@ def _settle(q, k, v, axis_name, structure, options, layout, block_sizes):
     layout = check_layout_for(layout, axis_name, axis_size)
     structure, options = check_rules(q, k, v, structure, options, block_sizes, axis_size * k.shape[0])
     if layout.kind == "striped":
-        for name in ("window", "chunk", "prefix"):
-            if getattr(structure, name) is not None:
-                raise _checks.fail(f"structure.{name}", "be None with a striped layout (a striped chunk pair "
-                                   "is not a band)", getattr(structure, name))  # fmt: skip
+        refuse_bands(structure, name="structure.")
     ring = Ring(
         axis_name, axis_size, layout.kind, options, None if block_sizes is None else tuple(block_sizes)
     )
@@ -100,6 +97,19 @@ def _settle(q, k, v, axis_name, structure, options, layout, block_sizes):
         prefix=as_int32(structure.prefix),
     )  # fmt: skip
     return ring, structure
+
+
+# Rules on positions that a striped chunk pair cannot keep: their visible keys are a band of
+# positions, which striped rows scatter over every chunk. A new rule of that kind joins here.
+BAND_RULES = ("window", "chunk", "prefix")
+
+
+def refuse_bands(structure: Structure, *, name: str = "") -> None:
+    """The error for a band rule on a striped ring (`name`: how the caller's user wrote it)."""
+    for rule in BAND_RULES:
+        if getattr(structure, rule) is not None:
+            why = "be None for a striped ring (a striped chunk pair is not a band)"
+            raise _checks.fail(f"{name}{rule}", why, repr(getattr(structure, rule)))
 
 
 def check_rules(q, k, v, structure, options, block_sizes, global_k: int):
