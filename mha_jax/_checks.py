@@ -70,6 +70,14 @@ def check_floating(name: str, x) -> None:
         raise TypeError(f"{name} must have a floating dtype; got {dtype}")
 
 
+def check_sinks(name: str, sinks, num_heads: int):
+    """Attention sinks as an array, checked: floating, one logit per query head `[H]`."""
+    sinks = as_array(name, sinks)
+    check_floating(name, sinks)
+    check_shape(name, sinks, (num_heads,), "[H] (one logit per query head)")
+    return sinks
+
+
 def check_bool(name: str, x) -> None:
     dtype = dtype_of(x)
     if dtype != jnp.bool_:

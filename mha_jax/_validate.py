@@ -193,6 +193,8 @@ def check_call(
         )
     for name in norms:
         _checks.check_shape(f"params.{name}", getattr(params, name), (head_dim,), "[Dh]")
+    if params.sinks is not None:
+        _checks.check_sinks("params.sinks", params.sinks, num_heads)
     if options.rope is not None:
         rotary_size(options.rope, head_dim, name="the head width Dh")
     for name, width in (

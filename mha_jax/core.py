@@ -235,10 +235,10 @@ def _forward(
         return per_example(lambda x_q, x_kv, mask, bias, structure, rng: zero_hidden_rows(
             x_q, x_kv, mask, bias, structure), x_q, x_kv)  # fmt: skip
 
-    def attend(q, k, v):
+    def attend(q, k, v, sinks):
         def one(q, k, v, mask, bias, structure, rng):
-            return kernels.attend(q, k, v, mask=mask, bias=bias, structure=structure, options=options,
-                                  rng=rng, return_weights=return_weights)  # fmt: skip
+            return kernels.attend(q, k, v, mask=mask, bias=bias, sinks=sinks, structure=structure,
+                                  options=options, rng=rng, return_weights=return_weights)  # fmt: skip
 
         return per_example(one, q, k, v)  # heads [B, Lq, H, Dh], weights [B, H, Lq, Lk] or None
 

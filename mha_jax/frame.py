@@ -5,7 +5,7 @@ that each entrance plugs in (the batched call, the decode step, the mesh layer):
       ─ cast to the computation dtype, hide(x_q, x_kv): zero the inputs no query may see
       ─ project_heads on the B·L rows ─► q [B, Lq, H, Dh], k and v [B, Lk, Hkv, Dh]
       ─ QK-norm (when the params hold its scales), then RoPE at the given positions
-      ─ attend(q, k, v) ─► heads [B, Lq, H, Dh] (and whatever the step returns besides)
+      ─ attend(q, k, v, sinks) ─► heads [B, Lq, H, Dh] (and whatever the step returns besides)
       ─ merge_project on the B·Lq rows, reduce (the mesh layer's sum over head shards), + b_o
       ─► out [B, Lq, D_out]
 
@@ -39,7 +39,7 @@ def layer(
     num_heads: int,
     options: Options,
     hide: Callable[[Array, Array], tuple[Array, Array]],
-    attend: Callable[[Array, Array, Array], tuple[Array, Any]],
+    attend: Callable[[Array, Array, Array, Array | None], tuple[Array, Any]],
     positions: tuple[Array, Array] | None = None,
     reduce: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, Any]:
@@ -47,7 +47,8 @@ def layer(
 
     num_heads: the query heads these params hold (a mesh device's share of them); the kv
     head count follows from `params.w_k`. positions: `(q [B, Lq], k [B, Lk])` int RoPE
-    positions, needed when `options.rope` is set.
+    positions, needed when `options.rope` is set. attend gets the params' sinks `[H]` (or
+    None) in float32 or wider: they join the float32 softmax.
     """
     dtype = x_q.dtype if options.dtype is None else options.dtype
     params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
@@ -66,7 +67,8 @@ def layer(
         rotate = jax.vmap(apply_rope_unchecked, in_axes=(0, 0, None))
         q, k = rotate(q, positions[0], options.rope), rotate(k, positions[1], options.rope)
 
-    heads, extra = attend(q, k, v)  # [B, Lq, H, Dh]
+    sinks = None if params.sinks is None else params.sinks.astype(jnp.promote_types(dtype, jnp.float32))
+    heads, extra = attend(q, k, v, sinks)  # [B, Lq, H, Dh]
     out = merge_project_unchecked(rows(heads), params.w_o, None)  # [B·Lq, D_out]
     out = out if reduce is None else reduce(out)
     out = out if params.b_o is None else out + params.b_o

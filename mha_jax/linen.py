@@ -27,7 +27,7 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention over `[B, L, D]` (or unbatched `[L, D]`) inputs.
 
     Input widths are read from the inputs; parameters are `w_q, b_q, ..., w_o,
-    b_o` (and `q_norm, k_norm` with `qk_norm=True`) with the layout of
+    b_o` (and `q_norm, k_norm` with `qk_norm=True`, `sinks` with `sinks=True`) with the layout of
     `mha_jax.MHAParams`, in the `params` collection. The settings are `scale,
     dropout_rate, dtype, implementation, rope`, and `options=Options(...)` for all
     of them and the rest (softcap, qk_norm_eps), merged as in the NNX module. Weights
@@ -47,6 +47,7 @@ class MultiHeadAttention(nn.Module):
     out_features: int | None = None
     use_bias: bool = True
     qk_norm: bool = False
+    sinks: bool = False  # gpt-oss attention sinks: one learned logit per head
     scale: float | None = None
     dropout_rate: float = 0.0
     deterministic: bool | None = None
@@ -87,12 +88,13 @@ class MultiHeadAttention(nn.Module):
             x_q.shape[-1], self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             d_kv=x_kv.shape[-1], d_out=self.out_features,
         )  # fmt: skip
+        _checks.check_bool_flag("sinks", self.sinks)
         init = functools.partial(
             init_param, dtype=self.param_dtype, kernel_init=self.kernel_init, bias_init=self.bias_init
         )
         params = build_params(
             lambda name, shape: self.param(name, init, name, shape),
-            param_shapes(**sizes, use_bias=self.use_bias, qk_norm=self.qk_norm),
+            param_shapes(**sizes, use_bias=self.use_bias, qk_norm=self.qk_norm, sinks=self.sinks),
         )
         settings = self.settings()
         if (decode and not self.is_initializing()) or cache is not None:

@@ -35,7 +35,7 @@ class MultiHeadAttention(nnx.Module):
     """Multi-head attention over `[B, L, D]` (or unbatched `[L, D]`) inputs.
 
     Parameters are named `w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o` (and `q_norm,
-    k_norm` with `qk_norm=True`) with the layout of `mha_jax.MHAParams`;
+    k_norm` with `qk_norm=True`, `sinks` with `sinks=True`) with the layout of `mha_jax.MHAParams`;
     `module.params` gets them as one, `module.load_params(params)` sets them. The settings are
     `scale, dropout_rate, dtype, implementation, rope`, and `options=Options(...)` for
     all of them and the rest (softcap, qk_norm_eps): a keyword fills what the options
@@ -58,6 +58,7 @@ class MultiHeadAttention(nnx.Module):
         out_features: int | None = None,
         use_bias: bool = True,
         qk_norm: bool = False,
+        sinks: bool = False,
         scale: float | None = None,
         dropout_rate: float = 0.0,
         deterministic: bool | None = None,
@@ -81,13 +82,14 @@ class MultiHeadAttention(nnx.Module):
         )  # fmt: skip
         # Head parallelism: each parameter's mesh axes (mha_jax.parallel.sharding), from the
         # mesh set around this constructor; nnx then creates it sharded.
+        _checks.check_bool_flag("sinks", sinks)
         partition = mesh_partition_names(num_heads, sizes["num_kv_heads"], heads_axis)
         params = build_params(
             lambda name, shape: nnx.Param(
                 init_param(rngs.params(), name, shape, param_dtype, kernel_init, bias_init),
                 **({"out_sharding": partition[name]} if partition else {}),
             ),
-            param_shapes(**sizes, use_bias=use_bias, qk_norm=qk_norm),
+            param_shapes(**sizes, use_bias=use_bias, qk_norm=qk_norm, sinks=sinks),
         )
         for name in PARAM_NAMES:
             setattr(self, name, getattr(params, name))

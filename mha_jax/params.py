@@ -8,11 +8,14 @@ contiguous split of GPT-2, PyTorch and Flax):
     w_v [D_kv, Hkv*Dh]   b_v [Hkv*Dh]
     w_o [H*Dh, D_out]    b_o [D_out]
     q_norm [Dh]          k_norm [Dh]          (QK-norm scales; optional)
+    sinks [H]                                 (attention sinks: a learned logit per head; optional)
 
 Biases are `None` when `use_bias=False`; the QK-norm scales are `None` unless
 `qk_norm=True` (then q and k are RMS-normalised per head before RoPE and the
 scores, as in Qwen3, OLMo 2 and Gemma 3; scales start at 1 and are applied as
-they are: a Gemma checkpoint's `1 + w` is converted when it is imported). The
+they are: a Gemma checkpoint's `1 + w` is converted when it is imported). `sinks`
+is `None` unless `sinks=True` (gpt-oss: one logit per query head that joins every
+row's softmax and carries no value; starts at 0). The
 Flax modules create exactly these arrays through `param_shapes` and
 `init_param`, so a checkpoint of one loads into the others.
 """
@@ -35,7 +38,7 @@ default_bias_init: Initializer = jax.nn.initializers.zeros
 
 PROJECTION_NAMES = ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o")
 NORM_NAMES = ("q_norm", "k_norm")
-PARAM_NAMES = PROJECTION_NAMES + NORM_NAMES
+PARAM_NAMES = PROJECTION_NAMES + NORM_NAMES + ("sinks",)
 
 
 class MHAParams(NamedTuple):
@@ -49,6 +52,7 @@ class MHAParams(NamedTuple):
     b_o: Array | None
     q_norm: Array | None = None
     k_norm: Array | None = None
+    sinks: Array | None = None
 
 
 def resolve_sizes(
@@ -93,8 +97,9 @@ def param_shapes(
     d_out: int,
     use_bias: bool = True,
     qk_norm: bool = False,
+    sinks: bool = False,
 ) -> dict[str, tuple[int, ...] | None]:
-    """Shape of every parameter by name; `None` for an absent bias or QK-norm scale."""
+    """Shape of every parameter by name; `None` for an absent bias, QK-norm scale or sinks."""
     q_features, kv_features = num_heads * head_dim, num_kv_heads * head_dim
     shapes = dict(
         w_q=(d_model, q_features),
@@ -107,6 +112,7 @@ def param_shapes(
         b_o=(d_out,),
         q_norm=(head_dim,) if qk_norm else None,
         k_norm=(head_dim,) if qk_norm else None,
+        sinks=(num_heads,) if sinks else None,
     )
     if not use_bias:
         shapes = {name: (None if name.startswith("b_") else shape) for name, shape in shapes.items()}
@@ -123,6 +129,8 @@ def init_param(
 ) -> Array:
     if name in NORM_NAMES:  # scales start at 1: the norm alone, no random draw
         return jnp.ones(shape, dtype)
+    if name == "sinks":  # logit 0: a sink as likely as a key scoring 0
+        return jnp.zeros(shape, dtype)
     init = bias_init if name.startswith("b_") else kernel_init
     return init(rng, shape, dtype)
 
@@ -138,18 +146,20 @@ def init_params(
     d_out: int | None = None,
     use_bias: bool = True,
     qk_norm: bool = False,
+    sinks: bool = False,
     dtype=jnp.float32,
     kernel_init: Initializer = default_kernel_init,
     bias_init: Initializer = default_bias_init,
 ) -> MHAParams:
-    """Random projections (LeCun normal, as Flax), zero biases, unit QK-norm scales."""
+    """Random projections (LeCun normal, as Flax), zero biases, unit QK-norm scales, zero sinks."""
     sizes = resolve_sizes(
         d_model, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, d_kv=d_kv, d_out=d_out
     )
+    _checks.check_bool_flag("sinks", sinks)
     rngs = dict(zip(PROJECTION_NAMES, jax.random.split(rng, len(PROJECTION_NAMES)), strict=True))
     return build_params(
         lambda name, shape: init_param(rngs.get(name), name, shape, dtype, kernel_init, bias_init),
-        param_shapes(**sizes, use_bias=use_bias, qk_norm=qk_norm),
+        param_shapes(**sizes, use_bias=use_bias, qk_norm=qk_norm, sinks=sinks),
     )
 
 

@@ -77,10 +77,12 @@ def core_np(
     window=None,
     scale=None,
     softcap=None,
+    sinks=None,
     **rules,
 ):
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk])` in float64.
-    `rules`: segment_ids, chunk, prefix (see `visible_np`)."""
+    `rules`: segment_ids, chunk, prefix (see `visible_np`). sinks `[H]`: head h's logit
+    `sinks[h]` is one more term of every row's softmax denominator, with no value."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     length_q, num_heads, head_dim = q.shape
     length_k, num_kv_heads = k.shape[:2]
@@ -115,8 +117,13 @@ def core_np(
             if softcap is not None:  # cap · tanh(logits / cap), before the bias and the mask
                 logits = softcap * np.tanh(logits / softcap)
             logits = np.where(seen, logits + np.where(seen, bias[h, i], 0), -np.inf)
-            e = np.exp(logits - logits[seen].max())
-            weights[h, i] = e / e.sum()
+            top = logits[seen].max()
+            sink = 0.0
+            if sinks is not None:
+                top = max(top, float(sinks[h]))
+                sink = np.exp(float(sinks[h]) - top)
+            e = np.exp(logits - top)
+            weights[h, i] = e / (e.sum() + sink)
             heads[i, h] = weights[h, i] @ vh
     return heads, weights
 
@@ -162,6 +169,7 @@ def attention_np(
         window=window,
         scale=scale,
         softcap=softcap,
+        sinks=None if getattr(params, "sinks", None) is None else f64(params.sinks),
         **rules,
     )
     out = heads.reshape(heads.shape[0], -1) @ w_o + b(params.b_o, w_o.shape[1])

@@ -32,11 +32,15 @@ FEATURES = {
     # prefix per example, each within its prompt (a prefix is prefilled in one step)
     "chunk": dict(rules=dict(chunk=3)),
     "prefix_and_window": dict(rules=dict(prefix=(4, 1, 6), window=(2, 0))),
+    # gpt-oss: a learned logit per head in every row's softmax (the scan kernel starts from it)
+    "sinks_and_window": dict(rules=dict(window=(3, 0)), sinks=True),
 }
 
 
-def layer(qk_norm=False):
-    params = mj.init_params(jax.random.PRNGKey(0), D, H, num_kv_heads=HKV, qk_norm=qk_norm)
+def layer(qk_norm=False, sinks=False):
+    params = mj.init_params(jax.random.PRNGKey(0), D, H, num_kv_heads=HKV, qk_norm=qk_norm, sinks=sinks)
+    if sinks:  # spread out, one above every score: a sink that did nothing would fail
+        params = params._replace(sinks=jnp.linspace(-2.0, 3.0, H))
     params = params._replace(b_q=normal(1, (H * DH,)), b_k=normal(2, (HKV * DH,)), b_o=normal(3, (D,)))
     if qk_norm:  # non-trivial scales, so that a skipped norm cannot pass
         params = params._replace(q_norm=1 + 0.3 * normal(4, (DH,)), k_norm=1 - 0.3 * normal(5, (DH,)))
@@ -73,7 +77,7 @@ def chosen(implementation: str, new: int, capacity: int) -> str:
 @pytest.mark.parametrize("implementation", ["reference", "blockwise", "auto"])
 def test_prefill_then_decode_equals_one_causal_forward(implementation, feature):
     spec = FEATURES[feature]
-    params = layer(spec.get("qk_norm", False))
+    params = layer(spec.get("qk_norm", False), spec.get("sinks", False))
     x = normal(6, (B, T, D))
     step, full = steps(
         implementation,
@@ -105,11 +109,14 @@ def test_prefill_then_decode_equals_one_causal_forward(implementation, feature):
     np.testing.assert_array_equal(cache.length, T)
 
 
+@pytest.mark.parametrize("sinks", [None, (-1.0, 0.0, 0.5, 1.0, 2.0, 4.0)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("window", [None, (5, 0)])
-def test_decode_loop_equals_the_reference_across_blocks(window, dtype):
+def test_decode_loop_equals_the_reference_across_blocks(window, dtype, sinks):
     """scan_cache with 8-key blocks over 45 slots (the last block overhangs the cache): GQA,
-    soft-capping, ragged fills (one example empty, one full), garbage past the filled slots."""
+    soft-capping, ragged fills (one example empty, one full), garbage past the filled slots;
+    with sinks, the empty example's rows are still zeros (the sink takes all the mass)."""
+    sinks = None if sinks is None else jnp.array(sinks)
     queries, slots, lengths = 3, 45, jnp.array([0, 20, 45])
     offsets = jnp.maximum(lengths - queries, 0)  # the queries are the last ones appended
     q = normal(20, (3, queries, H, DH))
@@ -119,12 +126,12 @@ def test_decode_loop_equals_the_reference_across_blocks(window, dtype):
     v = jnp.where(garbage, jnp.nan, v)  # never read: hidden slots hold anything
     options = mj.Options(softcap=3.0)
     rules = Structure(is_causal=True, q_offset=offsets, kv_length=lengths, window=window)
-    heads = scan_cache(q, k, v, rules, options=options, block=8)
+    heads = scan_cache(q, k, v, rules, options=options, block=8, sinks=sinks)
     reference = mj.Options(softcap=3.0, implementation="reference")
     for b in range(3):
         structure = Structure(is_causal=True, q_offset=offsets[b], kv_length=lengths[b], window=window)
         k_b, v_b = k[b].astype(jnp.float32), jnp.where(garbage[b], 0, v[b]).astype(jnp.float32)
-        expected, _ = kernels.attend(q[b], k_b, v_b, mask=None, bias=None, structure=structure,
+        expected, _ = kernels.attend(q[b], k_b, v_b, mask=None, bias=None, structure=structure, sinks=sinks,
                                      options=reference, rng=None, return_weights=False)  # fmt: skip
         np.testing.assert_allclose(heads[b], expected, rtol=1e-5, atol=1e-5)
     assert not jnp.any(heads[0])  # nothing filled: zeros

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import mha_jax as mj
+import mha_jax.interop
 import mha_jax.linen as mlinen
 import mha_jax.nnx as mnnx
 from mha_jax import decoding
@@ -232,6 +233,36 @@ TABLE = [
         r'implementation="xla" cannot apply a logit soft-cap',
     ),
     (
+        "xla_cannot_add_sinks",
+        lambda: one(params=PARAMS._replace(sinks=jnp.zeros(H)), implementation="xla")(),
+        ValueError,
+        r'implementation="xla" cannot add attention sinks \(params.sinks\)',
+    ),
+    (
+        "sinks_one_per_kv_head",
+        one(params=PARAMS._replace(sinks=jnp.zeros(H + 1))),
+        ValueError,
+        r"params.sinks must have shape \[H\] \(one logit per query head\)=\(3,\); got shape \(4,\)",
+    ),
+    (
+        "sinks_int",
+        one(params=PARAMS._replace(sinks=jnp.zeros(H, jnp.int32))),
+        TypeError,
+        r"params.sinks must have a floating dtype; got int32",
+    ),
+    (
+        "init_params_sinks_string",
+        lambda: mj.init_params(jax.random.PRNGKey(0), D, H, sinks="yes"),
+        TypeError,
+        r"sinks must be a Python bool; got 'yes'",
+    ),
+    (
+        "export_sinks_to_gpt2",
+        lambda: mj.interop.export_params("gpt2", PARAMS._replace(sinks=jnp.zeros(H)), num_heads=H),
+        ValueError,
+        r"params.sinks must be None for layout 'gpt2' \(it has no place for attention sinks",
+    ),
+    (
         "block_sizes_zero",
         lambda: mj.blockwise_attention(
             jnp.ones((4, 2, 8)), jnp.ones((4, 2, 8)), jnp.ones((4, 2, 8)), block_sizes=(0, 8)
@@ -358,7 +389,7 @@ HELPERS = {  # name: (function, valid arguments, {argument: wrong values})
         "v": [V[:-1], V.astype(jnp.int8)], "mask": [jnp.ones((Lq, Lk)), jnp.ones((Lq, Lk - 1), bool)],
         "bias": [jnp.ones((Lq, Lk), bool), jnp.ones((5, Lq, Lk))], "scale": [float("inf"), "1"],
         "softcap": [0.0, -1.0], "structure": [(True, 0), mj.Structure(q_offset=jnp.array(1.5))],
-        "block_sizes": [(0, 8), 8]}),
+        "block_sizes": [(0, 8), 8], "sinks": [jnp.zeros(Lq), jnp.zeros(3, jnp.int32)]}),
     "causal_mask": (mj.masks.causal_mask, dict(length_q=Lq), {
         "length_q": [-1, 2.5, None], "length_k": [-3]}),
     "local_mask": (mj.masks.local_mask, dict(length_q=Lq, length_k=Lk, window=2), {

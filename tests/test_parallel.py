@@ -337,6 +337,9 @@ STRATEGIES = [
     "ring: chunk, prefix and segment ids",
     "all_to_all: chunk, prefix and segment ids, striped",
     "all_gather: chunk, prefix and segment ids",
+    "ring: sinks, data x seq x heads, causal, window, padded",
+    "all_to_all: sinks, seq x heads, striped, padded",
+    "all_gather: sinks, causal, padded",
 ]
 
 
@@ -511,6 +514,27 @@ def _strategies() -> dict:
 
         expected = lambda p, x, rules=rules: _reference(p, x, None, num_heads=num_heads, structure=rules)
         cases[name] = (run, expected, (params, x))
+    # Sinks: split with the heads, joined once after the ring's merge, sliced after all-to-all's
+    # exchange; a padded row's sink takes what its hidden keys leave (its gradient included).
+    sink_params = params._replace(sinks=jnp.linspace(-1.0, 2.0, num_heads))
+    banded = dict(is_causal=True, window=(9, 0), kv_length=padded)
+    cases["ring: sinks, data x seq x heads, causal, window, padded"] = (
+        lambda p, x: layer(p, x, mesh=cube, data_axis="data", seq_axis="seq", heads_axis="heads", **banded),
+        reference(**banded),
+        (sink_params, x),
+    )
+    striped4 = parallel.Layout("striped", 4)
+    cases["all_to_all: sinks, seq x heads, striped, padded"] = (
+        in_layout(lambda p, x: layer(p, x, mesh=seq4_heads2, seq_axis="seq", heads_axis="heads",
+                                     context="all_to_all", layout=striped4, **causal), striped4),
+        reference(**causal),
+        (sink_params, x),
+    )  # fmt: skip
+    cases["all_gather: sinks, causal, padded"] = (
+        lambda p, x: layer(p, x, mesh=seq8, seq_axis="seq", context="all_gather", **causal),
+        reference(**causal),
+        (sink_params, x),
+    )
     return {name: _guarded(_compare, run, expected, args) for name, (run, expected, args) in cases.items()}
 
 

@@ -165,13 +165,13 @@ def _cached(
         x = jnp.where(kept[..., None], x, 0)
         return x, x
 
-    def attend(q, k, v):  # q [B, T, H, Dh], k and v [B, T, Hkv, Dh]
+    def attend(q, k, v, sinks):  # q [B, T, H, Dh], k and v [B, T, Hkv, Dh]
         k_cache, v_cache, filled = jax.vmap(append)(cache.k, cache.v, cache.length, k, v, lengths)
         # Query t of example b sits at slot length[b] + t and sees the filled slots by the rules.
         rules = structure.replace(
             q_offset=cache.length, kv_length=filled, prefix=per_example(structure.prefix)
         )
-        heads = kernels.attend_batch(q, k_cache, v_cache, structure=rules, options=options)  # [B, T, H, Dh]
+        heads = kernels.attend_batch(q, k_cache, v_cache, sinks=sinks, structure=rules, options=options)
         return jnp.where(kept[..., None, None], heads, 0), KVCache(k_cache, v_cache, filled)
 
     return frame.layer(params, x, x, num_heads=num_heads, options=options, hide=hide, attend=attend,

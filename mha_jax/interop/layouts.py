@@ -25,10 +25,11 @@ files do: see `mha_jax.interop.gguf`.)
 
 Arrays stay NumPy arrays in their own dtype, so a round trip is exact;
 `jax.device_put(params)` moves them. Torch tensors are read with `np.asarray`
-(CPU, float32 or float16: call `.float()` on bfloat16 first). Not mapped:
-QK-norm scales (`q_norm`/`k_norm`: each model keeps them under its own names,
-and Gemma stores `w` for a scale of `1 + w`; export leaves them out), torch's
-`bias_k`/`bias_v` (`add_bias_kv`).
+(CPU, float32 or float16: call `.float()` on bfloat16 first). Attention sinks
+are the llama layout's `sinks` tensor (`[H]`, where gpt-oss keeps them); export
+to a layout without one refuses them. Not mapped: QK-norm scales (`q_norm`/`k_norm`:
+each model keeps them under its own names, and Gemma stores `w` for a scale of `1 + w`;
+export leaves them out), torch's `bias_k`/`bias_v` (`add_bias_kv`).
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ LLAMA = Layout(
         Row("v_proj.bias", ("Hkv*Dh",), ("b_v",), RESHAPE),
         Row("o_proj.weight", ("D_out", "H*Dh"), ("w_o",), TRANSPOSE),
         Row("o_proj.bias", ("D_out",), ("b_o",), RESHAPE),
+        Row("sinks", ("H",), ("sinks",), RESHAPE),  # gpt-oss's attention sinks, when present
     ),
     reads={
         "d_model": ("q_proj.weight", 1),
@@ -206,7 +208,11 @@ OUR_LEGEND = dict(
     b_o="[D_out]",
     q_norm="[Dh]",
     k_norm="[Dh]",
+    sinks="[H]",
 )
+
+# Rows a layer may lack: biases (use_bias=False) and attention sinks (most models).
+_optional = lambda name: name.startswith("b_") or name == "sinks"
 
 
 def import_params(
@@ -235,7 +241,7 @@ def import_params(
     for row in table.rows:
         if row.source in arrays:
             _checks.check_rank(prefix + row.source, arrays[row.source], len(row.shape), _legend(row))
-        elif not row.ours[0].startswith("b_"):
+        elif not _optional(row.ours[0]):
             shown = sorted(tensors)[:8]
             raise _checks.fail(
                 "tensors",
@@ -244,7 +250,8 @@ def import_params(
             )
     sizes = _source_sizes(table, arrays, prefix, num_heads, num_kv_heads)
     _check_requires(table, sizes, layout)
-    ours, shapes = {name: None for name in PARAM_NAMES}, param_shapes(**sizes)
+    ours = {name: None for name in PARAM_NAMES}
+    shapes = param_shapes(**sizes, sinks=prefix + "sinks" in tensors)
     for row in table.rows:
         if row.source in arrays:
             _checks.check_shape(
@@ -265,6 +272,11 @@ def export_params(
     sizes = our_sizes(params, num_heads)
     table = _torch_table(layout, kdim=sizes["d_kv"] != sizes["d_model"])
     _check_requires(table, sizes, layout)
+    if params.sinks is not None and not any(row.ours == ("sinks",) for row in table.rows):
+        raise _checks.fail(
+            "params.sinks", f"be None for layout {layout!r} (it has no place for attention sinks; "
+            "'llama' has)", f"an array of shape {np.shape(params.sinks)}",
+        )  # fmt: skip
     tensors = {}
     for row in table.rows:
         values = [getattr(params, name) for name in row.ours]
@@ -301,7 +313,8 @@ def our_sizes(params: MHAParams, num_heads: int) -> dict[str, int]:
         d_kv=d_kv,
         d_out=np.shape(params.w_o)[1],
     )
-    for name, shape in param_shapes(**sizes, qk_norm=params.q_norm is not None).items():
+    has = dict(qk_norm=params.q_norm is not None, sinks=params.sinks is not None)
+    for name, shape in param_shapes(**sizes, **has).items():
         if getattr(params, name) is not None:
             _checks.check_shape(f"params.{name}", getattr(params, name), shape, OUR_LEGEND[name])
     return sizes

@@ -50,7 +50,7 @@ from mha_jax.options import IMPLEMENTATIONS, Options
 class Kernel(NamedTuple):
     name: str
     cannot: Callable[[Request], list[str]]  # [] when it computes the call as the reference would
-    run: Callable  # (q, k, v, *, mask, bias, structure, options, rng) -> (heads, weights or None)
+    run: Callable  # (q, k, v, *, mask, bias, structure, options, rng, sinks) -> (heads, weights or None)
     zeroes_unseen_keys: bool = False  # True: it zeroes the hidden keys of the blocks it reads
     batched: bool = False  # True: run takes a batch ([B, ...] arrays, rules with a leading B)
 
@@ -116,8 +116,12 @@ def attend(
     options: Options,
     rng: Array | None,
     return_weights: bool,
+    sinks: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk] or None)`.
+
+    sinks: `[H]` float32 logits that join each row's softmax with no value (gpt-oss); the
+    weights returned are the keys' (a row sums to less than 1).
 
     Unchecked: the public functions validate the call first. `kv_length` is
     clamped to `[0, Lk]` here, once, for every kernel.
@@ -126,19 +130,24 @@ def attend(
     if structure.kv_length is not None:
         structure = structure.replace(kv_length=jnp.clip(structure.kv_length, 0, length_k))
     request = Request.of(
-        q, k, mask=mask, bias=bias, structure=structure, options=options, return_weights=return_weights
-    )
+        q, k, mask=mask, bias=bias, structure=structure, options=options, return_weights=return_weights,
+        sinks=sinks,
+    )  # fmt: skip
     kernel = choose(options.implementation, request)
     if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
         weights = jnp.zeros((q.shape[1], length_q, length_k), v.dtype) if return_weights else None
         return jnp.zeros_like(q), weights
     if not kernel.zeroes_unseen_keys:
         k, v = zero_unseen_keys(k, v, structure, length_q)
-    heads, weights = kernel.run(q, k, v, mask=mask, bias=bias, structure=structure, options=options, rng=rng)
+    heads, weights = kernel.run(
+        q, k, v, mask=mask, bias=bias, structure=structure, options=options, rng=rng, sinks=sinks
+    )
     return heads, weights if return_weights else None
 
 
-def attend_batch(q: Array, k: Array, v: Array, *, structure: Structure, options: Options) -> Array:
+def attend_batch(
+    q: Array, k: Array, v: Array, *, structure: Structure, options: Options, sinks: Array | None = None
+) -> Array:
     """`[B, Lq, H, Dh], [B, Lk, Hkv, Dh] x2 -> heads [B, Lq, H, Dh]` under `structure`, every
     array of it with a leading B (no mask, bias, dropout or weights: a decode step's call).
 
@@ -151,17 +160,17 @@ def attend_batch(q: Array, k: Array, v: Array, *, structure: Structure, options:
     request = Request.of(
         q[0] if batch else jax.ShapeDtypeStruct(q.shape[1:], q.dtype), k[0] if batch else
         jax.ShapeDtypeStruct(k.shape[1:], k.dtype), mask=None, bias=None, structure=example,
-        options=options, return_weights=False,
+        options=options, return_weights=False, sinks=sinks,
     )._replace(batched=True)  # fmt: skip
     kernel = choose(options.implementation, request)
     if not kernel.batched:  # the same kernel for each example, under vmap
         chosen = dataclasses.replace(options, implementation=kernel.name)
         one = lambda q, k, v, rules: attend(q, k, v, mask=None, bias=None, structure=rules, options=chosen,
-                                            rng=None, return_weights=False)[0]  # fmt: skip
+                                            rng=None, return_weights=False, sinks=sinks)[0]  # fmt: skip
         return jax.vmap(one)(q, k, v, structure)
     if batch == 0 or length_q == 0 or length_k == 0:
         return jnp.zeros_like(q)
-    return kernel.run(q, k, v, structure=structure, options=options)
+    return kernel.run(q, k, v, structure=structure, options=options, sinks=sinks)
 
 
 def zero_unseen_keys(k: Array, v: Array, structure: Structure, length_q: int) -> tuple[Array, Array]:

@@ -9,6 +9,13 @@ local window) are never visited: causal attention does about half the work.
 Backward (`jax.custom_vjp`): recompute each block's probabilities from the
 saved log-sum-exp `lse = m + log(row_sum)` instead of storing them, again O(L).
 
+Sinks (gpt-oss: a logit per head that joins every row's softmax and carries no
+value) merge into each row once its keys are done, as one more piece with output 0:
+`lse = logaddexp(lse_keys, sink)`, `out = out_keys·exp(lse_keys - lse)`. The
+backward then runs on that total `lse` (the keys' probabilities are the total
+softmax's), and `d sink = -Σ_q exp(sink - lse_q)·delta_q`, `delta = rowsum(dO·O)`: the
+softmax Jacobian's term for a column whose value is 0.
+
 Numerics follow the reference: float32 scores and softmax, masked entries
 exactly zero, a query row with no visible key outputs zeros with zero
 gradients. Layout inside: heads grouped as `[Hkv, G]`, blocks leading, e.g.
@@ -56,8 +63,11 @@ def cannot(request: Request) -> list[str]:
     return fused_limits(request)
 
 
-def run(q, k, v, *, mask, bias, structure, options, rng):
-    return blockwise_attention(q, k, v, mask=mask, bias=bias, structure=structure, options=options), None
+def run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
+    heads = blockwise_attention(
+        q, k, v, mask=mask, bias=bias, structure=structure, options=options, sinks=sinks
+    )
+    return heads, None
 
 
 def blockwise_attention(
@@ -72,16 +82,20 @@ def blockwise_attention(
     softcap: float | None = None,
     block_sizes: tuple[int, int] | None = None,
     options: Options | None = None,
+    sinks: Array | None = None,  # float [H]
 ) -> Array:  # [Lq, H, Dh]
     """Same result as the reference kernel, without materialising the scores. The settings
     are `scale` and `softcap`, or `options` (its scale, softcap and the score options to
-    come); `block_sizes` (block_q, block_k) overrides `default_block_sizes`."""
+    come); `block_sizes` (block_q, block_k) overrides `default_block_sizes`. sinks: one
+    logit per query head joining every row's softmax (module docstring)."""
     q, k, v = (_checks.as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
     _checks.check_heads(q, k, v)
     mask, bias = (
         None if x is None else _checks.as_array(name, x) for name, x in (("mask", mask), ("bias", bias))
     )
     _checks.check_mask_and_bias(mask, bias, q.shape[1], q.shape[0], k.shape[0])
+    if sinks is not None:
+        sinks = _checks.check_sinks("sinks", sinks, q.shape[1])
     structure = Structure() if structure is None else structure
     check_structure(structure, q.shape[0], k.shape[0], name="structure.")
     if options is None:
@@ -96,7 +110,8 @@ def blockwise_attention(
         mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, length_q, length_k))
     if bias is not None:
         bias = jnp.broadcast_to(bias, (bias.shape[0] if bias.ndim == 3 else 1, length_q, length_k))
-    return _flash(q, k, v, mask, bias, structure, config)
+    sinks = None if sinks is None else sinks.astype(jnp.promote_types(sinks.dtype, jnp.float32))
+    return _flash(q, k, v, mask, bias, structure, sinks, config)
 
 
 def _setup(q, k, structure: Structure, options: Options, block_sizes):
@@ -297,7 +312,7 @@ def _key_blocks(k, v, config: Config, in_place: bool):
     return kv
 
 
-def _forward(q, k, v, mask, bias, structure: Structure, config: Config):
+def _forward(q, k, v, mask, bias, structure: Structure, sinks, config: Config):
     num_kv_heads = k.shape[1]
     q, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
@@ -343,9 +358,13 @@ def _forward(q, k, v, mask, bias, structure: Structure, config: Config):
         m, row_sum, acc = _three_segments(step, lo, flo, fhi, hi, init)
         seen = row_sum > 0
         out = acc / _grouped(jnp.where(seen, row_sum, 1.0), hkv)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)  # [H, Bq]
+        if sinks is not None:  # the sink as one more piece, output 0 (module docstring)
+            total = jnp.logaddexp(lse, sinks.astype(lse.dtype)[:, None])  # finite: the sink is
+            out = out * _grouped(jnp.exp(lse - total), hkv)[..., None]
+            return out.astype(v.dtype), total
         # Rows that saw no key: lse=+inf makes every recomputed probability 0.
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, row_sum, 1.0)), jnp.inf)
-        return out.astype(v.dtype), lse
+        return out.astype(v.dtype), jnp.where(seen, lse, jnp.inf)
 
     out_blocks, lse_blocks = jax.lax.map(one_q_block, jnp.arange(q_blocks.shape[0], dtype=jnp.int32))
     return _q_unblock(out_blocks, config.length_q), lse_blocks  # [Lq, H, Dh], [nq, H, Bq]
@@ -356,7 +375,7 @@ def _forward(q, k, v, mask, bias, structure: Structure, config: Config):
 
 
 def _backward(config: Config, residuals, d_out):
-    q, k, v, mask, bias, structure, out, lse_blocks = residuals
+    q, k, v, mask, bias, structure, sinks, out, lse_blocks = residuals
     num_kv_heads = k.shape[1]
     q_scaled, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q_scaled, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
@@ -422,7 +441,21 @@ def _backward(config: Config, residuals, d_out):
     dv = _kv_unblock(dv_blocks, config.length_k).astype(v.dtype)
     if dbias is not None:
         dbias = dbias[:, : config.length_q, : config.length_k].astype(bias.dtype)
-    return dq, dk, dv, None, dbias, None
+    d_sinks = None
+    if sinks is not None:  # padded query rows have d_out 0, so delta 0: they add nothing
+        p_sink = jnp.exp(sinks.astype(acc)[None, :, None] - lse_blocks)  # [nq, H, Bq]
+        d_sinks = -jnp.sum(p_sink * delta_blocks, axis=(0, 2)).astype(sinks.dtype)  # [H]
+        d_sinks = sum_like(d_sinks, sinks)
+    return dq, dk, dv, None, dbias, None, d_sinks
+
+
+def sum_like(cotangent: Array, primal: Array) -> Array:
+    """`cotangent` summed over the mesh axes it varies along and `primal` does not: inside
+    `jax.shard_map`, a parameter replicated over an axis (sinks over the sequence) gets every
+    device's share, as the transpose of its implicit broadcast would give it."""
+    manual = lambda x: jax.typeof(x).manual_axis_type.varying
+    extra = tuple(sorted(manual(cotangent) - manual(primal)))
+    return jax.lax.psum(cotangent, extra) if extra else cotangent
 
 
 # ---------------------------------------------------------------------------
@@ -442,16 +475,16 @@ def _one_example_at_a_time(fn, config: Config):
     return jax.custom_batching.sequential_vmap(fn)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash(q, k, v, mask, bias, structure, config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, mask, bias, structure, sinks, config):
     forward = _one_example_at_a_time(functools.partial(_forward, config=config), config)
-    return forward(q, k, v, mask, bias, structure)[0]
+    return forward(q, k, v, mask, bias, structure, sinks)[0]
 
 
-def _flash_fwd(q, k, v, mask, bias, structure, config):
+def _flash_fwd(q, k, v, mask, bias, structure, sinks, config):
     forward = _one_example_at_a_time(functools.partial(_forward, config=config), config)
-    out, lse = forward(q, k, v, mask, bias, structure)
-    return out, (q, k, v, mask, bias, structure, out, lse)
+    out, lse = forward(q, k, v, mask, bias, structure, sinks)
+    return out, (q, k, v, mask, bias, structure, sinks, out, lse)
 
 
 def _flash_bwd(config, residuals, d_out):
@@ -486,7 +519,7 @@ def attention_with_lse(
     `out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)`. No VJP: a caller that
     differentiates defines one with `attention_backward_with_lse`."""
     config, structure = _setup(q, k, structure, options or Options(), block_sizes)
-    out, lse_blocks = _forward(q, k, v, None, None, structure, config)
+    out, lse_blocks = _forward(q, k, v, None, None, structure, None, config)
     nq, num_heads, block_q = lse_blocks.shape
     lse = lse_blocks.transpose(0, 2, 1).reshape(nq * block_q, num_heads)[: config.length_q]  # [Lq, H]
     # The kernel marks a row that saw nothing with +inf (its recomputed probabilities
@@ -515,7 +548,7 @@ def attention_backward_with_lse(
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # back to the kernel's mark for "saw nothing"
     lse_blocks = _pad_axis(lse, 0, nq * config.block_q, jnp.inf)
     lse_blocks = lse_blocks.reshape(nq, config.block_q, -1).transpose(0, 2, 1)  # [nq, H, Bq]
-    residuals = (q, k, v, None, None, structure, out, lse_blocks)
+    residuals = (q, k, v, None, None, structure, None, out, lse_blocks)
     dq, dk, dv, *_ = _backward(config, residuals, d_out)
     return dq, dk, dv
 

@@ -31,8 +31,9 @@ def xla_cannot(request: Request) -> list[str]:
     return reasons
 
 
-def xla_run(q, k, v, *, mask, bias, structure, options, rng):
+def xla_run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], None)`."""
+    del sinks  # none: `cannot` refuses them (library_kernel_limits)
     length_q, length_k = q.shape[0], k.shape[0]
     dense = mask
     if bias is not None:
@@ -71,7 +72,8 @@ def cudnn_cannot(request: Request) -> list[str]:
     return reasons
 
 
-def cudnn_run(q, k, v, *, mask, bias, structure, options, rng):
+def cudnn_run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
+    del sinks  # none: `cannot` refuses them (library_kernel_limits)
     length_q, length_k = q.shape[0], k.shape[0]
     lengths = None if structure.kv_length is None else jnp.reshape(structure.kv_length, (1,))
     lengths = None if lengths is None else lengths.astype(jnp.int32)

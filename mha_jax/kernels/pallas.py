@@ -38,7 +38,8 @@ def cannot(request: Request) -> list[str]:
     return reasons
 
 
-def run(q, k, v, *, mask, bias, structure, options, rng):
+def run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
+    del sinks  # none: `cannot` refuses them (library_kernel_limits)
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5 if options.scale is None else options.scale
     # These kernels want equal head counts: expand the kv heads of GQA.

@@ -4,6 +4,10 @@
     weights = softmax(scores, where=visible) [H, Lq, Lk]  float32, hidden entries exactly 0
     heads   = dropout(weights) · v           [Lq, H, Dh]
 
+With sinks, each head's logit `sinks[h]` joins every row's softmax as one more
+always-visible column with no value: the weights of the keys then sum to less
+than 1 (a row with no visible key gives zeros: the sink takes all the mass).
+
 The spec every other kernel is tested against; it supports every option
 (dropout, returning the weights) at O(L²) memory.
 """
@@ -27,7 +31,7 @@ def cannot(request: Request) -> list[str]:
     return []
 
 
-def run(q, k, v, *, mask, bias, structure, options, rng):
+def run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk])`."""
     length_q, length_k = q.shape[0], k.shape[0]
     if not structure.is_trivial:
@@ -36,7 +40,16 @@ def run(q, k, v, *, mask, bias, structure, options, rng):
     scores = soft_cap(attention_scores(q, k, options.scale), options.softcap)  # [H, Lq, Lk] float32
     if bias is not None:
         scores = scores + bias.astype(scores.dtype)
-    weights = attention_weights(scores, mask).astype(v.dtype)  # [H, Lq, Lk]
+    if sinks is None:
+        weights = attention_weights(scores, mask).astype(v.dtype)  # [H, Lq, Lk]
+    else:  # the sink as column Lk, visible to every row, dropped after the softmax
+        num_heads = scores.shape[0]
+        column = jnp.broadcast_to(sinks.astype(scores.dtype)[:, None, None], (num_heads, length_q, 1))
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, length_q, length_k))
+            mask = jnp.concatenate([mask, jnp.ones((mask.shape[0], length_q, 1), bool)], axis=-1)
+        weights = attention_weights(jnp.concatenate([scores, column], axis=-1), mask)
+        weights = weights[..., :length_k].astype(v.dtype)  # [H, Lq, Lk]
     rate = options.dropout_rate
     kept = weights if rate == 0.0 else dropout_weights(weights, rate, rng)
     heads = apply_weights(kept, v)  # [Lq, H, Dh]

@@ -29,9 +29,10 @@ class Request(NamedTuple):
     softcap: float | None = None
     gpu_capability: tuple[int, int] = (0, 0)  # compute capability of a GPU backend
     batched: bool = False  # the caller hands over a whole batch (`attend_batch`), not one example
+    has_sinks: bool = False  # the params hold attention sinks
 
     @classmethod
-    def of(cls, q, k, *, mask, bias, structure, options, return_weights) -> Request:
+    def of(cls, q, k, *, mask, bias, structure, options, return_weights, sinks=None) -> Request:
         """The request of `attend(q [Lq, H, Dh], k [Lk, Hkv, Dh], ...)` on the default backend."""
         backend = jax.default_backend()
         capability = (0, 0)
@@ -51,6 +52,7 @@ class Request(NamedTuple):
             return_weights=return_weights,
             softcap=options.softcap,
             gpu_capability=capability,
+            has_sinks=sinks is not None,
         )
 
     @property
@@ -71,10 +73,12 @@ def fused_limits(request: Request) -> list[str]:
 
 
 def library_kernel_limits(request: Request) -> list[str]:
-    """Kernels from other libraries (jax.nn, Pallas): fused, and no soft-cap."""
+    """Kernels from other libraries (jax.nn, Pallas): fused, no soft-cap, no sinks."""
     reasons = fused_limits(request)
     if request.softcap is not None:
         reasons.append("apply a logit soft-cap (softcap)")
+    if request.has_sinks:
+        reasons.append("add attention sinks (params.sinks)")
     return reasons
 
 

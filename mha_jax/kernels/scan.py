@@ -57,16 +57,18 @@ def cannot(request: Request) -> list[str]:
     return reasons
 
 
-def run(q, k, v, *, structure: Structure, options: Options) -> Array:
-    return scan_cache(q, k, v, structure, options=options)
+def run(q, k, v, *, structure: Structure, options: Options, sinks=None) -> Array:
+    return scan_cache(q, k, v, structure, options=options, sinks=sinks)
 
 
 def scan_cache(
-    q: Array, k_cache: Array, v_cache: Array, structure: Structure, *, options: Options, block: int = BLOCK
-) -> Array:
+    q: Array, k_cache: Array, v_cache: Array, structure: Structure, *, options: Options, block: int = BLOCK,
+    sinks: Array | None = None,
+) -> Array:  # fmt: skip
     """`q [B, T, H, Dh]` against caches `[B, S, Hkv, Dh]` under `structure` (each of its
     arrays `[B]`: one example's rules per row) -> heads `[B, T, H, Dh]` in q's dtype. No
-    bias, mask or dropout."""
+    bias, mask or dropout. sinks `[H]`: each head's logit starts every row's running softmax
+    (max = the sink, sum = 1, nothing accumulated), so it takes its share of the mass."""
     example = lambda b: jax.tree.map(lambda a: a[b], structure)  # example b's rules
 
     batch, new, heads, width = q.shape
@@ -119,11 +121,14 @@ def scan_cache(
             acc.at[b].set(acc[b] * rescale[:, None] + weights.T @ v),  # [H·T, Hkv·Dh]
         )
 
-    carry = (
+    top, total = (
         jnp.full((batch, heads * new), -jnp.inf, jnp.float32),
         jnp.zeros((batch, heads * new), jnp.float32),
-        jnp.zeros((batch, heads * new, kv_heads * width), jnp.float32),
     )
+    if sinks is not None:  # row h·T + t starts at its head's sink: max = sink, sum = exp(0) = 1
+        top = jnp.broadcast_to(jnp.repeat(sinks.astype(jnp.float32), new), top.shape)
+        total = jnp.ones_like(total)
+    carry = (top, total, jnp.zeros((batch, heads * new, kv_heads * width), jnp.float32))
     _, total, acc = jax.lax.fori_loop(0, batch * count, step, carry)
     out = jnp.where(total[..., None] > 0, acc / jnp.where(total > 0, total, 1)[..., None], 0)
     out = out.reshape(batch, heads, new, kv_heads, width)

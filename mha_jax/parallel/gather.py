@@ -33,6 +33,7 @@ def all_gather_attention(
     options: Options | None = None,
     layout: Layout | None = None,
     block_sizes: tuple[int, int] | None = None,
+    sinks: Array | None = None,  # float [H]
 ) -> Array:  # [Cq, H, Dh]
     """As `ring_attention` (one example per device inside `jax.shard_map`), by gathering
     every key and value (and the keys' segment ids) onto every device."""
@@ -49,4 +50,5 @@ def all_gather_attention(
         structure = structure.replace(
             segment_ids=(structure.segment_ids[0], gather(structure.segment_ids[1]))
         )
-    return blockwise_attention(q, k, v, structure=structure, options=options, block_sizes=block_sizes)
+    return blockwise_attention(q, k, v, structure=structure, options=options, block_sizes=block_sizes,
+                               sinks=sinks)  # fmt: skip

@@ -211,8 +211,10 @@ def _on_each_device(params: MHAParams, x_q, x_kv, leaves, *, plan: Plan, treedef
         hide_one = functools.partial(_hide_unseen_rows, q_rows=q_rows, k_rows=k_rows, plan=plan)
         return per_example(hide_one, x_q, x_kv)
 
-    def attend(q, k, v):
-        return per_example(functools.partial(_attend, plan=plan), q, k, v), None  # [b, Cq, H/h, Dh]
+    def attend(q, k, v, sinks):  # sinks [H/h]: this device's heads' (split with them)
+        return per_example(
+            functools.partial(_attend, plan=plan, sinks=sinks), q, k, v
+        ), None  # [b, Cq, H/h, Dh]
 
     def reduce(out):  # this device's heads times its rows of w_o: a partial sum
         return out if plan.heads_axis is None else jax.lax.psum(out, plan.heads_axis)
@@ -229,10 +231,10 @@ def _on_each_device(params: MHAParams, x_q, x_kv, leaves, *, plan: Plan, treedef
     return out  # [b, Cq, D_out]
 
 
-def _attend(q, k, v, structure: Structure, *, plan: Plan):
+def _attend(q, k, v, structure: Structure, *, plan: Plan, sinks=None):
     """One example on one device: `[Cq, H/h, Dh], [Ck, Hkv/h, Dh] x2 -> [Cq, H/h, Dh]`, its
     rules in global positions (its segment ids this device's rows)."""
-    settings = dict(options=plan.options, block_sizes=plan.block_sizes)
+    settings = dict(options=plan.options, block_sizes=plan.block_sizes, sinks=sinks)
     if plan.seq_axis is None:
         return blockwise_attention(q, k, v, structure=structure, **settings)
     return CONTEXTS[plan.context](q, k, v, axis_name=plan.seq_axis, structure=structure, layout=plan.layout,

@@ -27,6 +27,11 @@ chunk's probabilities from the saved *total* `lse`, adds to the local `dq`, and
 adds to `dk`, `dv` accumulators that travel with their K/V chunk; after the last
 step one more hop brings every chunk's `dk`, `dv` home. Memory per device stays
 O(L/N): the residuals are the local q, k, v, out and lse.
+
+Sinks join once, after the last step, as one more piece with output 0 (`lse_sink =
+sink`): the saved `lse` and `out` are then the totals the backward steps need, and
+`d sink = -Σ_q exp(sink - lse_q)·rowsum(dO_q·O_q)` over this device's queries, summed
+over the devices that share the sink (`blockwise.sum_like`).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ def ring_attention(
     options: Options | None = None,
     layout: Layout | None = None,
     block_sizes: tuple[int, int] | None = None,
+    sinks: Array | None = None,  # float [H]
 ) -> Array:  # [Cq, H, Dh]
     """Attention of this device's queries to the keys of every device on `axis_name`:
     one example, called per device inside `jax.shard_map` (vmap it for a batch).
@@ -76,9 +82,13 @@ def ring_attention(
     chunk and prefix need the contiguous layout (a striped chunk pair is not a band).
     options: scale and softcap as in `mha_jax.Options`. layout: where the rows lie (None:
     contiguous; `Layout("striped", N)` balances causal work). Global lengths `N·Cq`, `N·Ck`.
+    sinks: one logit per query head, the same on every device of the ring.
     """
     ring, structure = _settle(q, k, v, axis_name, structure, options, layout, block_sizes)
-    return _ring(q, k, v, structure, ring)
+    if sinks is not None:
+        sinks = _checks.check_sinks("sinks", sinks, q.shape[1])
+        sinks = sinks.astype(jnp.promote_types(sinks.dtype, jnp.float32))
+    return _ring(q, k, v, sinks, structure, ring)
 
 
 def _settle(q, k, v, axis_name, structure, options, layout, block_sizes):
@@ -188,7 +198,7 @@ def _kv_ids(structure: Structure):
     return None if structure.segment_ids is None else structure.segment_ids[1]
 
 
-def _forward(q, k, v, structure: Structure, ring: Ring):
+def _forward(q, k, v, sinks, structure: Structure, ring: Ring):
     me = jax.lax.axis_index(ring.axis_name)
     length_q, length_k = q.shape[0], k.shape[0]
 
@@ -214,11 +224,13 @@ def _forward(q, k, v, structure: Structure, ring: Ring):
     carry = jax.lax.fori_loop(0, ring.axis_size - 1, hop, (k, v, kv_ids, out, lse))
     k_chunk, v_chunk, kv_ids, out, lse = carry
     out, lse = visit(ring.axis_size - 1, k_chunk, v_chunk, kv_ids, out, lse)  # the last: no hop after it
+    if sinks is not None:  # the sink: one more piece, output 0, lse = the sink's logit
+        out, lse = _merge(out, lse, jnp.zeros_like(out), jnp.broadcast_to(sinks.astype(lse.dtype), lse.shape))
     return out.astype(q.dtype), lse
 
 
 def _backward(ring: Ring, residuals, d_out):
-    q, k, v, out, lse, structure = residuals
+    q, k, v, sinks, out, lse, structure = residuals
     me = jax.lax.axis_index(ring.axis_name)
     length_q, length_k = q.shape[0], k.shape[0]
 
@@ -244,17 +256,22 @@ def _backward(ring: Ring, residuals, d_out):
     k_chunk, v_chunk, kv_ids, dk, dv, dq = carry
     dq_step, dk_step, dv_step = visit(ring.axis_size - 1, k_chunk, v_chunk, kv_ids)
     dk, dv = _pass_on((dk + dk_step, dv + dv_step), ring)  # the last hop: every chunk's gradients home
-    return (dq + dq_step).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    d_sinks = None
+    if sinks is not None:  # rows that saw no key have lse = the sink: their share is theirs
+        delta = jnp.einsum("qhd,qhd->qh", d_out.astype(acc), out.astype(acc))  # [Cq, H]
+        d_sinks = -jnp.sum(jnp.exp(sinks.astype(acc) - lse) * delta, axis=0).astype(sinks.dtype)  # [H]
+        d_sinks = blockwise.sum_like(d_sinks, sinks)  # every device's queries' share
+    return (dq + dq_step).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_sinks, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _ring(q, k, v, structure, ring):
-    return _forward(q, k, v, structure, ring)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _ring(q, k, v, sinks, structure, ring):
+    return _forward(q, k, v, sinks, structure, ring)[0]
 
 
-def _ring_fwd(q, k, v, structure, ring):
-    out, lse = _forward(q, k, v, structure, ring)
-    return out, (q, k, v, out, lse, structure)
+def _ring_fwd(q, k, v, sinks, structure, ring):
+    out, lse = _forward(q, k, v, sinks, structure, ring)
+    return out, (q, k, v, sinks, out, lse, structure)
 
 
 _ring.defvjp(_ring_fwd, _backward)

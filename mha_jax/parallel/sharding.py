@@ -82,6 +82,7 @@ def partition_names(
         b_o=(None,),
         q_norm=(None,),  # one [Dh] scale shared by every head: on every device
         k_norm=(None,),
+        sinks=(heads_axis,),  # one per query head: with its head
     )
     return {name: names[name] for name in PARAM_NAMES}
 

@@ -50,6 +50,7 @@ def all_to_all_attention(
     options: Options | None = None,
     layout: Layout | None = None,
     block_sizes: tuple[int, int] | None = None,
+    sinks: Array | None = None,  # float [H]
 ) -> Array:  # [Cq, H, Dh]
     """As `ring_attention` (same arguments, one example per device inside `jax.shard_map`),
     by all-to-all: every mask rule in global positions, any layout; the segment ids of
@@ -57,7 +58,8 @@ def all_to_all_attention(
     axis_size = bound_axis_size(axis_name)
     layout = check_layout_for(layout, axis_name, axis_size)
     structure, options = check_rules(q, k, v, structure, options, block_sizes, axis_size * k.shape[0])
-    check_heads(q.shape[1], k.shape[1], axis_size, axis_name)
+    num_heads = q.shape[1]
+    check_heads(num_heads, k.shape[1], axis_size, axis_name)
     if k.shape[1] % axis_size:  # fewer kv heads than devices: one (repeated) kv head each
         k, v = (jnp.repeat(x, axis_size // k.shape[1], axis=1) for x in (k, v))
 
@@ -68,6 +70,11 @@ def all_to_all_attention(
     if structure.segment_ids is not None:  # every row's id, in natural order
         gather = lambda ids: from_layout(jax.lax.all_gather(ids, axis_name, tiled=True), layout, axis=0)
         structure = structure.replace(segment_ids=tuple(gather(ids) for ids in structure.segment_ids))
-    heads = blockwise_attention(q, k, v, structure=structure, options=options, block_sizes=block_sizes)
+    if sinks is not None:  # the heads this device now holds: group `me` of the H (as q's exchange split them)
+        sinks = _checks.check_sinks("sinks", sinks, num_heads)
+        group = num_heads // axis_size
+        sinks = jax.lax.dynamic_slice_in_dim(sinks, jax.lax.axis_index(axis_name) * group, group)
+    heads = blockwise_attention(q, k, v, structure=structure, options=options, block_sizes=block_sizes,
+                                sinks=sinks)  # fmt: skip
     heads = to_layout(heads, layout, axis=0)  # [Lq, H / N, Dh]
     return jax.lax.all_to_all(heads, axis_name, split_axis=0, concat_axis=1, tiled=True)  # [Cq, H, Dh]
