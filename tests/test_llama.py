@@ -151,8 +151,11 @@ def test_prefill_and_cached_decode_equal_the_uncached_forward(ours, prompts, con
     for t in range(NEW_TOKENS - 1):
         step_logits, caches = step(params, caches, continuation[:, t : t + 1], ones)
         errors.append(np.abs(np.asarray(step_logits) - logits[np.arange(batch), lengths + t]).max())
-    print(f"max |Δ| cached against uncached logits: {max(errors):.2e}")
-    assert max(errors) <= 1e-4, errors
+    # float32 through 30 layers, two kernels (scan for the steps, blockwise for the forward):
+    # rounding, relative to the logits' size (this CPU or that one's summation order).
+    scale = float(np.abs(logits).max())
+    print(f"max |Δ| cached against uncached logits: {max(errors):.2e} (logits up to {scale:.1f})")
+    assert max(errors) <= 1e-5 * scale, errors
     assert [int(c.length[0]) for c in caches[:1]] == [lengths[0] + NEW_TOKENS - 1]
 
 
