@@ -41,13 +41,16 @@ def layer(
     hide: Callable[[Array, Array], tuple[Array, Array]],
     attend: Callable[[Array, Array, Array, Array | None], tuple[Array, Any]],
     positions: tuple[Array, Array] | None = None,
+    rope_length: Array | None = None,
     reduce: Callable[[Array], Array] | None = None,
 ) -> tuple[Array, Any]:
     """`[B, Lq, D], [B, Lk, D_kv] -> (out [B, Lq, D_out], what attend returned besides the heads)`.
 
     num_heads: the query heads these params hold (a mesh device's share of them); the kv
     head count follows from `params.w_k`. positions: `(q [B, Lq], k [B, Lk])` int RoPE
-    positions, needed when `options.rope` is set. attend gets the params' sinks `[H]` (or
+    positions, needed when `options.rope` is set. rope_length: `[B]` int, the sequence length
+    dynamic NTK RoPE scales for (default: per row, the largest query or key position + 1; the
+    mesh layer gives the whole sequence's). attend gets the params' sinks `[H]` (or
     None) in float32 or wider: they join the float32 softmax.
     """
     dtype = x_q.dtype if options.dtype is None else options.dtype
@@ -64,8 +67,11 @@ def layer(
     q, k = normalize_qk(params, q, k, options)
     q, k, v = unrows(q, length_q), unrows(k, length_k), unrows(v, length_k)
     if options.rope is not None:  # each row at its own position
-        rotate = jax.vmap(apply_rope_unchecked, in_axes=(0, 0, None))
-        q, k = rotate(q, positions[0], options.rope), rotate(k, positions[1], options.rope)
+        if rope_length is None:  # only dynamic NTK reads it
+            rope_length = jnp.maximum(positions[0].max(axis=1), positions[1].max(axis=1)) + 1  # [B]
+        rotate = jax.vmap(apply_rope_unchecked, in_axes=(0, 0, None, 0))
+        q = rotate(q, positions[0], options.rope, rope_length)
+        k = rotate(k, positions[1], options.rope, rope_length)
 
     sinks = None if params.sinks is None else params.sinks.astype(jnp.promote_types(dtype, jnp.float32))
     heads, extra = attend(q, k, v, sinks)  # [B, Lq, H, Dh]

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import mha_jax as mj
 from mha_jax import kernels, parallel
-from mha_jax.decoding import RoPE
+from mha_jax.decoding import DynamicNTKScaling, RoPE
 from mha_jax.kernels import blockwise
 from mha_jax.masks import Structure
 
@@ -340,6 +340,7 @@ STRATEGIES = [
     "ring: sinks, data x seq x heads, causal, window, padded",
     "all_to_all: sinks, seq x heads, striped, padded",
     "all_gather: sinks, causal, padded",
+    "ring: dynamic-NTK RoPE, striped, causal, padded",
 ]
 
 
@@ -535,6 +536,14 @@ def _strategies() -> dict:
         reference(**causal),
         (sink_params, x),
     )
+    # Dynamic NTK scales for the whole sequence's length (48 > the original 16), not a device's.
+    dynamic = mj.Options(rope=RoPE(theta=100.0, scaling=DynamicNTKScaling(2.0, 16)))
+    cases["ring: dynamic-NTK RoPE, striped, causal, padded"] = (
+        in_layout(lambda p, x: layer(p, x, mesh=seq8, seq_axis="seq", layout=striped8, options=dynamic,
+                                     **causal), striped8),
+        reference(options=dynamic, **causal),
+        (params, x),
+    )  # fmt: skip
     return {name: _guarded(_compare, run, expected, args) for name, (run, expected, args) in cases.items()}
 
 

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from mha_jax.decoding import (
+    DynamicNTKScaling,
     LinearScaling,
     Llama3Scaling,
     RoPE,
+    YarnScaling,
     apply_rope,
     interleaved_to_half,
     inverse_frequencies,
@@ -544,10 +546,76 @@ TABLE = [
     ),
     (
         "scaling_unknown_hf_type",
-        lambda: scaling_from_hf({"rope_type": "yarn", "factor": 4.0}),
+        lambda: scaling_from_hf({"rope_type": "longrope", "factor": 4.0}),
         ValueError,
-        r"rope_scaling\['rope_type'\] must be one of \['default', 'linear', 'llama3'\]; "
-        r"got 'yarn'",
+        r"rope_scaling\['rope_type'\] must be one of \['default', 'linear', 'llama3', 'yarn', "
+        r"'dynamic'\]; got 'longrope'",
+    ),
+    (
+        "scaling_hf_dynamic_without_context",
+        lambda: scaling_from_hf({"rope_type": "dynamic", "factor": 2.0}),
+        ValueError,
+        r"max_position_embeddings must be given for rope_type 'dynamic'",
+    ),
+    (
+        "yarn_factor_zero",
+        lambda: YarnScaling(0.0, 4096),
+        ValueError,
+        r"YarnScaling.factor must be a positive finite number; got 0.0",
+    ),
+    (
+        "yarn_beta_fast_negative",
+        lambda: YarnScaling(4.0, 4096, beta_fast=-32.0),
+        ValueError,
+        r"YarnScaling.beta_fast must be a positive finite number; got -32.0",
+    ),
+    (
+        "yarn_attention_factor_nan",
+        lambda: YarnScaling(4.0, 4096, attention_factor=float("nan")),
+        ValueError,
+        r"YarnScaling.attention_factor must be a positive finite number; got nan",
+    ),
+    (
+        "yarn_truncate_string",
+        lambda: YarnScaling(4.0, 4096, truncate="yes"),
+        TypeError,  # from the jaxtyping hook under the tests, else ours: "must be True or False"
+        r"truncate",
+    ),
+    (
+        "yarn_original_context_zero",
+        lambda: YarnScaling(4.0, 0),
+        ValueError,
+        r"YarnScaling.original_max_position_embeddings must be a positive integer; got 0",
+    ),
+    (
+        "dynamic_factor_negative",
+        lambda: DynamicNTKScaling(-2.0, 2048),
+        ValueError,
+        r"DynamicNTKScaling.factor must be a positive finite number; got -2.0",
+    ),
+    (
+        "dynamic_two_rotary_features",
+        lambda: RoPE(rotary_dim=2, scaling=DynamicNTKScaling(2.0, 2048)),
+        ValueError,
+        r"RoPE.rotary_dim must be at least 4 for DynamicNTKScaling; got 2",
+    ),
+    (
+        "dynamic_two_head_features",
+        lambda: apply_rope(X[..., :2], POS, RoPE(scaling=DynamicNTKScaling(2.0, 2048))),
+        ValueError,
+        r"x.shape\[2\] \(Dh\) must be at least 4 for DynamicNTKScaling; got 2",
+    ),
+    (
+        "length_not_scalar",
+        lambda: apply_rope(X, POS, RoPE(scaling=DynamicNTKScaling(2.0, 2048)), length=np.array([5, 6])),
+        ValueError,
+        r"length must be an integer scalar; got int\d+ of shape \(2,\)",
+    ),
+    (
+        "length_float",
+        lambda: apply_rope(X, POS, RoPE(scaling=DynamicNTKScaling(2.0, 2048)), length=5.0),
+        ValueError,
+        r"length must be an integer scalar; got float32 of shape \(\)",
     ),
     (
         "scaling_hf_missing_key",

@@ -40,6 +40,7 @@ from mha_jax.parallel.layout import Layout, check_layout_for
 from mha_jax.parallel.ring import refuse_bands, ring_attention
 from mha_jax.parallel.ulysses import all_to_all_attention, check_heads
 from mha_jax.params import MHAParams
+from mha_jax.rope import DynamicNTKScaling
 
 CONTEXTS = {"ring": ring_attention, "all_to_all": all_to_all_attention, "all_gather": all_gather_attention}
 
@@ -225,9 +226,17 @@ def _on_each_device(params: MHAParams, x_q, x_kv, leaves, *, plan: Plan, treedef
         jnp.broadcast_to(q_rows + q_offset, (batch, chunk_q)),
         jnp.broadcast_to(k_rows, (batch, chunk_k)),
     )
+    rope_length = None
+    rope = plan.options.rope
+    if rope is not None and isinstance(rope.scaling, DynamicNTKScaling):
+        # It scales for the whole sequence's length, not this device's rows'.
+        longest = jnp.maximum(positions[0].max(), positions[1].max())
+        longest = longest if plan.seq_axis is None else jax.lax.pmax(longest, plan.seq_axis)
+        rope_length = jnp.full((batch,), longest + 1)
     local = params._replace(w_k=w_k, b_k=b_k, w_v=w_v, b_v=b_v)
     out, _ = frame.layer(local, x_q, x_kv, num_heads=plan.num_heads // plan.heads_size, options=plan.options,
-                         hide=hide, attend=attend, positions=positions, reduce=reduce)  # fmt: skip
+                         hide=hide, attend=attend, positions=positions, rope_length=rope_length,
+                         reduce=reduce)  # fmt: skip
     return out  # [b, Cq, D_out]
 
 
