@@ -44,7 +44,7 @@ def normalize_window(window: object) -> Window | None:
 
 # The rules' fields that may hold arrays (traced under jit and vmap); a Python int there is
 # static, part of the compilation's key (a kernel that needs q_offset = 0 can see it).
-ARRAY_FIELDS = ("q_offset", "k_offset", "kv_length", "segment_ids", "prefix")
+ARRAY_FIELDS = ("q_offset", "k_offset", "kv_length", "segment_ids", "prefix", "head_offset")
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -58,6 +58,8 @@ class Structure:
     is_causal:   t <= p (or, with `prefix`, t < prefix).
     q_offset:    position of query 0 (an int, or an int array: traced).
     k_offset:    position of key 0 (0 unless the keys are a chunk of a longer sequence).
+    head_offset: the layer's index of the call's head 0 (0 unless a call holds a share of
+                 the heads: a mesh device); what a rule or score option of heads reads.
     kv_length:   j < kv_length: keys from kv_length on are padding (None: no padding;
                  clamped to [0, Lk]).
     window:      (left, right): p - left <= t <= p + right.
@@ -94,6 +96,7 @@ class Structure:
     chunk: Any = None  # int | None
     prefix: Any = None  # int | Array | None
     k_offset: Any = 0  # int | Array
+    head_offset: Any = 0  # int | Array
 
     # -- a pytree: arrays are leaves, the rest is static
 

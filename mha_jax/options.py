@@ -43,6 +43,11 @@ class Options:
                     k after the head split (and QK-norm): query i sits at position
                     i + q_offset, key j at j; a KV cache stores its keys rotated. None: off.
     qk_norm_eps:    the epsilon of the QK-norm (used when the params hold q_norm, k_norm).
+    alibi:          ALiBi (BLOOM, MPT): head h's scores get `slope_h · (t - p)` (key position
+                    t, query position p) after the soft-cap, before the bias and the mask,
+                    with BLOOM's slopes (`mha_jax.alibi`). True: the slopes of the call's
+                    heads; an int n: of an n-head layer, when the call holds some of its
+                    heads (the layers on a mesh set it). False: off.
     """
 
     scale: float | None = None
@@ -52,6 +57,7 @@ class Options:
     softcap: float | None = None
     rope: RoPE | None = None
     qk_norm_eps: float = 1e-6
+    alibi: bool | int = False
 
     def __post_init__(self):
         scale, rate = self.scale, self.dropout_rate
@@ -68,6 +74,10 @@ class Options:
             raise _checks.fail("softcap", "be a positive finite number or None", repr(cap))
         if self.rope is not None and not isinstance(self.rope, RoPE):
             raise TypeError(f"rope must be a mha_jax.decoding.RoPE or None; got {self.rope!r}")
+        alibi = self.alibi
+        if not (isinstance(alibi, bool) or (_checks.is_int(alibi) and alibi > 0)):
+            raise _checks.fail("alibi", "be True, False or a positive head count", repr(alibi))
+        object.__setattr__(self, "alibi", alibi if isinstance(alibi, bool) else int(alibi))
         eps = self.qk_norm_eps
         if not (is_real(eps) and math.isfinite(eps) and eps > 0):
             raise _checks.fail("qk_norm_eps", "be a positive finite number", repr(eps))

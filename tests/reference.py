@@ -78,11 +78,14 @@ def core_np(
     scale=None,
     softcap=None,
     sinks=None,
+    alibi=None,
     **rules,
 ):
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk])` in float64.
     `rules`: segment_ids, chunk, prefix (see `visible_np`). sinks `[H]`: head h's logit
-    `sinks[h]` is one more term of every row's softmax denominator, with no value."""
+    `sinks[h]` is one more term of every row's softmax denominator, with no value. alibi `[H]`:
+    head h's slope, times key position j minus query position i + q_offset, joins its
+    logits after the soft-cap."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     length_q, num_heads, head_dim = q.shape
     length_k, num_kv_heads = k.shape[:2]
@@ -116,6 +119,8 @@ def core_np(
             logits = q[i, h] @ kh.T * scale
             if softcap is not None:  # cap · tanh(logits / cap), before the bias and the mask
                 logits = softcap * np.tanh(logits / softcap)
+            if alibi is not None:
+                logits = logits + float(alibi[h]) * (np.arange(length_k) - (i + q_offset))
             logits = np.where(seen, logits + np.where(seen, bias[h, i], 0), -np.inf)
             top = logits[seen].max()
             sink = 0.0
@@ -142,6 +147,7 @@ def attention_np(
     window=None,
     scale=None,
     softcap=None,
+    alibi=None,
     **rules,
 ):
     """One example, float64. Returns (out [Lq, D_out], weights [H, Lq, Lk]).
@@ -169,6 +175,7 @@ def attention_np(
         window=window,
         scale=scale,
         softcap=softcap,
+        alibi=alibi,
         sinks=None if getattr(params, "sinks", None) is None else f64(params.sinks),
         **rules,
     )

@@ -239,6 +239,24 @@ TABLE = [
         r'implementation="xla" cannot add attention sinks \(params.sinks\)',
     ),
     (
+        "xla_cannot_add_alibi",
+        lambda: one(options=mj.Options(implementation="xla", alibi=True))(),
+        ValueError,
+        r'implementation="xla" cannot add ALiBi\'s position bias \(alibi\)',
+    ),
+    (
+        "alibi_string",
+        lambda: mj.Options(alibi="bloom"),
+        ValueError,
+        r"alibi must be True, False or a positive head count; got 'bloom'",
+    ),
+    (
+        "alibi_zero_heads",
+        lambda: mj.Options(alibi=0),
+        ValueError,
+        r"alibi must be True, False or a positive head count; got 0",
+    ),
+    (
         "sinks_one_per_kv_head",
         one(params=PARAMS._replace(sinks=jnp.zeros(H + 1))),
         ValueError,

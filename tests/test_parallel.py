@@ -222,6 +222,17 @@ BAD_INPUTS = [
         r"window must be None for a striped ring",
     ),
     (
+        "ALiBi with a striped ring",
+        lambda: _layer(
+            seq_axis="seq",
+            is_causal=True,
+            layout=parallel.Layout("striped", 8),
+            options=mj.Options(alibi=True),
+        ),
+        ValueError,
+        r"options.alibi must be False for a striped ring \(use a contiguous one\); got True",
+    ),  # fmt: skip
+    (
         "unknown layout kind",
         lambda: _layer(seq_axis="seq", layout=parallel.Layout("zigzag", 8)),
         ValueError,
@@ -341,6 +352,8 @@ STRATEGIES = [
     "all_to_all: sinks, seq x heads, striped, padded",
     "all_gather: sinks, causal, padded",
     "ring: dynamic-NTK RoPE, striped, causal, padded",
+    "ring: ALiBi, data x seq x heads, causal, window, padded",
+    "all_to_all: ALiBi and sinks, seq x heads, striped, padded",
 ]
 
 
@@ -543,6 +556,21 @@ def _strategies() -> dict:
                                      **causal), striped8),
         reference(options=dynamic, **causal),
         (params, x),
+    )  # fmt: skip
+    # ALiBi at global positions and of the layer's heads: a device holds a slice of both.
+    with_alibi = mj.Options(alibi=True)
+    cases["ring: ALiBi, data x seq x heads, causal, window, padded"] = (
+        lambda p, x: layer(p, x, mesh=cube, data_axis="data", seq_axis="seq", heads_axis="heads",
+                           options=with_alibi, **banded),
+        reference(options=with_alibi, **banded),
+        (params, x),
+    )  # fmt: skip
+    cases["all_to_all: ALiBi and sinks, seq x heads, striped, padded"] = (
+        in_layout(lambda p, x: layer(p, x, mesh=seq4_heads2, seq_axis="seq", heads_axis="heads",
+                                     context="all_to_all", layout=striped4, options=with_alibi, **causal),
+                  striped4),
+        reference(options=with_alibi, **causal),
+        (sink_params, x),
     )  # fmt: skip
     return {name: _guarded(_compare, run, expected, args) for name, (run, expected, args) in cases.items()}
 

@@ -16,6 +16,9 @@ backward then runs on that total `lse` (the keys' probabilities are the total
 softmax's), and `d sink = -Σ_q exp(sink - lse_q)·delta_q`, `delta = rowsum(dO·O)`: the
 softmax Jacobian's term for a column whose value is 0.
 
+ALiBi (`options.alibi`) adds `slope_h · (t - p)` to each tile's scores after the soft-cap,
+at the rules' positions; its derivative is 1, so the backward only recomputes it.
+
 Numerics follow the reference: float32 scores and softmax, masked entries
 exactly zero, a query row with no visible key outputs zeros with zero
 gradients. Layout inside: heads grouped as `[Hkv, G]`, blocks leading, e.g.
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from mha_jax import _checks
+from mha_jax import _checks, alibi
 from mha_jax.kernels.request import Request, fused_limits
 from mha_jax.masks import Structure, check_structure
 from mha_jax.options import Options
@@ -47,6 +50,7 @@ class Config(NamedTuple):
     length_k: int
     scale: float
     softcap: float | None = None
+    alibi: bool | int = False
 
 
 def default_block_sizes(length_q: int, length_k: int) -> tuple[int, int]:
@@ -129,9 +133,13 @@ def _setup(q, k, structure: Structure, options: Options, block_sizes):
         length_k=length_k,
         scale=head_dim**-0.5 if options.scale is None else options.scale,
         softcap=options.softcap,
+        alibi=options.alibi,
     )
     # Positions are int32 whatever jax_enable_x64 says: block indices mix with them.
-    positions = {name: jnp.asarray(getattr(structure, name), jnp.int32) for name in ("q_offset", "k_offset")}
+    positions = {
+        name: jnp.asarray(getattr(structure, name), jnp.int32)
+        for name in ("q_offset", "k_offset", "head_offset")
+    }
     if structure.prefix is not None:
         positions["prefix"] = jnp.asarray(structure.prefix, jnp.int32)
     # kv_length beyond Lk means "no padding", as in the reference: clamp, so the
@@ -272,6 +280,21 @@ def _scores(q_blk, k_blk, post_scale: float | None, softcap: float | None):
     return soft_cap(s if post_scale is None else s * post_scale, softcap)
 
 
+def _alibi(s, slopes, i, k_start, structure: Structure, config: Config):
+    """`s [H, Bq, Bk]` plus ALiBi's `slope_h · (t - p)` for block i's rows and the keys from
+    `k_start` (None: no ALiBi), at the rules' positions."""
+    if slopes is None:
+        return s
+    q_pos = i * config.block_q + jnp.arange(config.block_q, dtype=jnp.int32) + structure.q_offset
+    k_pos = k_start + jnp.arange(config.block_k, dtype=jnp.int32) + structure.k_offset
+    return alibi.add(s, slopes, q_pos, k_pos)
+
+
+def _slopes(num_heads: int, structure: Structure, config: Config):
+    """`[H]` ALiBi slopes of this call's heads, or None."""
+    return alibi.head_slopes(config.alibi, num_heads, structure.head_offset) if config.alibi else None
+
+
 def _plus(s, bias_blk):
     return s if bias_blk is None else s + bias_blk.astype(s.dtype)
 
@@ -321,6 +344,7 @@ def _forward(q, k, v, mask, bias, structure: Structure, sinks, config: Config):
     mask = None if mask is None else _row_blocks(mask, config)
     bias = None if bias is None else _row_blocks(bias, config)
     hkv, g, bq, dh = q_blocks.shape[1:]
+    slopes = _slopes(q.shape[1], structure, config)
 
     def one_q_block(i):
         q_blk = q_blocks[i]
@@ -333,7 +357,8 @@ def _forward(q, k, v, mask, bias, structure: Structure, sinks, config: Config):
                 if in_place:  # a last block moved back: its first keys belong to block j-1
                     visible &= start + jnp.arange(config.block_k, dtype=jnp.int32) >= j * config.block_k
                 k_blk, v_blk = _zero_unseen(visible, k_blk, v_blk)
-            s = _plus(_scores(q_blk, k_blk, post_scale, config.softcap), _slice_block(bias, i, j, config))
+            s = _alibi(_scores(q_blk, k_blk, post_scale, config.softcap), slopes, i, start, structure, config)
+            s = _plus(s, _slice_block(bias, i, j, config))
             if masked:  # hidden entries become -inf: exp gives exactly 0
                 s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -385,6 +410,7 @@ def _backward(config: Config, residuals, d_out):
     bias_b = None if bias is None else _row_blocks(bias, config)
     hkv = num_kv_heads
     acc = _accumulator(q.dtype)
+    slopes = _slopes(q.shape[1], structure, config)
     # delta_i = rowsum(dO_i * O_i): the softmax Jacobian's correction term.
     delta_blocks = jnp.einsum(
         "nhgqd,nhgqd->nhgq",
@@ -403,7 +429,8 @@ def _backward(config: Config, residuals, d_out):
                 visible = _block_mask(i, j, mask_b, structure, config)  # [H or 1, Bq, Bk]
                 k_blk, v_blk = _zero_unseen(visible, k_blk, v_blk)
             capped = _scores(q_blk, k_blk, post_scale, config.softcap)
-            p = jnp.exp(_plus(capped, _slice_block(bias_b, i, j, config)) - lse_blocks[i][..., None])
+            s = _alibi(capped, slopes, i, j * config.block_k, structure, config)  # its derivative: 1
+            p = jnp.exp(_plus(s, _slice_block(bias_b, i, j, config)) - lse_blocks[i][..., None])
             if masked:
                 p = jnp.where(visible, p, 0.0)
             p_g = _grouped(p, hkv)

@@ -30,6 +30,7 @@ class Request(NamedTuple):
     gpu_capability: tuple[int, int] = (0, 0)  # compute capability of a GPU backend
     batched: bool = False  # the caller hands over a whole batch (`attend_batch`), not one example
     has_sinks: bool = False  # the params hold attention sinks
+    alibi: bool | int = False  # Options.alibi
 
     @classmethod
     def of(cls, q, k, *, mask, bias, structure, options, return_weights, sinks=None) -> Request:
@@ -53,6 +54,7 @@ class Request(NamedTuple):
             softcap=options.softcap,
             gpu_capability=capability,
             has_sinks=sinks is not None,
+            alibi=options.alibi,
         )
 
     @property
@@ -73,12 +75,14 @@ def fused_limits(request: Request) -> list[str]:
 
 
 def library_kernel_limits(request: Request) -> list[str]:
-    """Kernels from other libraries (jax.nn, Pallas): fused, no soft-cap, no sinks."""
+    """Kernels from other libraries (jax.nn, Pallas): fused, no soft-cap, sinks or ALiBi."""
     reasons = fused_limits(request)
     if request.softcap is not None:
         reasons.append("apply a logit soft-cap (softcap)")
     if request.has_sinks:
         reasons.append("add attention sinks (params.sinks)")
+    if request.alibi:
+        reasons.append("add ALiBi's position bias (alibi)")
     return reasons
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from mha_jax import stages
+from mha_jax import alibi, stages
 from mha_jax.kernels.request import Request, float32_softmax_limits, fused_limits
 from mha_jax.masks import Structure
 from mha_jax.options import Options
@@ -89,6 +89,9 @@ def scan_cache(
     first = jnp.min(jnp.where(hi > lo, lo, slots)) // block
     count = jnp.maximum((jnp.max(hi) + block - 1) // block - first, 0)  # blocks per example
     rows = jnp.arange(new)
+    slopes = None
+    if options.alibi:
+        slopes = alibi.head_slopes(options.alibi, heads, example(0).head_offset).astype(jnp.float32)  # [H]
 
     def step(j, carry):
         top, total, acc = carry  # [B, H·T], [B, H·T], [B, H·T, Hkv·Dh]
@@ -109,6 +112,12 @@ def scan_cache(
         scores = k @ q_blocks[b]  # [C, H·T]
         if options.softcap is not None:
             scores = stages.soft_cap(scores[None], options.softcap)[0]  # the stage takes [H, Lq, Lk]
+        if slopes is not None:  # column h·T + t: slope_h · (key - query t), example b's positions
+            rules = example(b)
+            distance = (keys + rules.k_offset)[:, None] - (rows + rules.q_offset)[None, :]  # [C, T]
+            scores = scores + (slopes[None, :, None] * distance[:, None, :].astype(jnp.float32)).reshape(
+                scores.shape
+            )
         seen = jnp.broadcast_to(visible.T[:, None], (block, heads, new)).reshape(scores.shape)
         scores = jnp.where(seen, scores, -jnp.inf)
         new_top = jnp.maximum(top[b], scores.max(axis=0))  # [H·T]

@@ -22,6 +22,7 @@ those axes by shard_map's transpose: the data-parallel all-reduce comes for free
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -186,6 +187,8 @@ def _plan(params, x_q, x_kv, mesh, num_heads, data_axis, seq_axis, heads_axis, c
         local_kv = num_kv_heads // heads_size if split else 1
         where = f" (per device of heads_axis {heads_axis!r})" if heads_axis else ""
         check_heads(num_heads // heads_size, local_kv, sizes["seq_axis"], seq_axis, where)
+    if options.alibi is True:  # each device holds a share of the heads: the slopes are the layer's
+        options = dataclasses.replace(options, alibi=num_heads)
     return Plan(
         data_axis, seq_axis, heads_axis, heads_size, num_heads, num_kv_heads, split, context,
         Layout(), options, None, 0, 0,
@@ -244,6 +247,8 @@ def _attend(q, k, v, structure: Structure, *, plan: Plan, sinks=None):
     """One example on one device: `[Cq, H/h, Dh], [Ck, Hkv/h, Dh] x2 -> [Cq, H/h, Dh]`, its
     rules in global positions (its segment ids this device's rows)."""
     settings = dict(options=plan.options, block_sizes=plan.block_sizes, sinks=sinks)
+    if plan.heads_axis is not None:  # this device's heads are a slice of the layer's
+        structure = structure.replace(head_offset=jax.lax.axis_index(plan.heads_axis) * q.shape[1])
     if plan.seq_axis is None:
         return blockwise_attention(q, k, v, structure=structure, **settings)
     return CONTEXTS[plan.context](q, k, v, axis_name=plan.seq_axis, structure=structure, layout=plan.layout,

@@ -98,6 +98,8 @@ def _settle(q, k, v, axis_name, structure, options, layout, block_sizes):
     structure, options = check_rules(q, k, v, structure, options, block_sizes, axis_size * k.shape[0])
     if layout.kind == "striped":
         refuse_bands(structure, name="structure.")
+        if options.alibi:  # its offsets give striped rows their order, not their distances
+            raise _checks.fail("options.alibi", "be False for a striped ring (use a contiguous one)", True)
     ring = Ring(
         axis_name, axis_size, layout.kind, options, None if block_sizes is None else tuple(block_sizes)
     )

@@ -19,6 +19,8 @@ count, the ring with the sequence.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import Array
@@ -70,10 +72,14 @@ def all_to_all_attention(
     if structure.segment_ids is not None:  # every row's id, in natural order
         gather = lambda ids: from_layout(jax.lax.all_gather(ids, axis_name, tiled=True), layout, axis=0)
         structure = structure.replace(segment_ids=tuple(gather(ids) for ids in structure.segment_ids))
+    group = num_heads // axis_size  # the heads this device holds after the exchange: group `me`
+    me = jax.lax.axis_index(axis_name)
+    structure = structure.replace(head_offset=structure.head_offset + me * group)
+    if options.alibi is True:  # the slopes are those of the call's heads, all of them
+        options = dataclasses.replace(options, alibi=num_heads)
     if sinks is not None:  # the heads this device now holds: group `me` of the H (as q's exchange split them)
         sinks = _checks.check_sinks("sinks", sinks, num_heads)
-        group = num_heads // axis_size
-        sinks = jax.lax.dynamic_slice_in_dim(sinks, jax.lax.axis_index(axis_name) * group, group)
+        sinks = jax.lax.dynamic_slice_in_dim(sinks, me * group, group)
     heads = blockwise_attention(q, k, v, structure=structure, options=options, block_sizes=block_sizes,
                                 sinks=sinks)  # fmt: skip
     heads = to_layout(heads, layout, axis=0)  # [Lq, H / N, Dh]
