@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -48,6 +49,10 @@ class Options:
                     with BLOOM's slopes (`mha_jax.alibi`). True: the slopes of the call's
                     heads; an int n: of an n-head layer, when the call holds some of its
                     heads (the layers on a mesh set it). False: off.
+    score_mod:      a user score function `fn(score, head, q_idx, kv_idx) -> score`, written
+                    for one entry (FlexAttention's `score_mod`; `mha_jax.score_mod`), after
+                    ALiBi, before the bias and the mask; it may close over arrays, whose
+                    gradients flow. None: off.
     """
 
     scale: float | None = None
@@ -58,6 +63,7 @@ class Options:
     rope: RoPE | None = None
     qk_norm_eps: float = 1e-6
     alibi: bool | int = False
+    score_mod: Callable | None = None
 
     def __post_init__(self):
         scale, rate = self.scale, self.dropout_rate
@@ -78,6 +84,9 @@ class Options:
         if not (isinstance(alibi, bool) or (_checks.is_int(alibi) and alibi > 0)):
             raise _checks.fail("alibi", "be True, False or a positive head count", repr(alibi))
         object.__setattr__(self, "alibi", alibi if isinstance(alibi, bool) else int(alibi))
+        if self.score_mod is not None and not callable(self.score_mod):
+            raise TypeError(f"score_mod must be a function (score, head, q_idx, kv_idx) -> score or None; "
+                            f"got {self.score_mod!r}")  # fmt: skip
         eps = self.qk_norm_eps
         if not (is_real(eps) and math.isfinite(eps) and eps > 0):
             raise _checks.fail("qk_norm_eps", "be a positive finite number", repr(eps))

@@ -79,13 +79,15 @@ def core_np(
     softcap=None,
     sinks=None,
     alibi=None,
+    score_mod=None,
     **rules,
 ):
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk])` in float64.
     `rules`: segment_ids, chunk, prefix (see `visible_np`). sinks `[H]`: head h's logit
     `sinks[h]` is one more term of every row's softmax denominator, with no value. alibi `[H]`:
     head h's slope, times key position j minus query position i + q_offset, joins its
-    logits after the soft-cap."""
+    logits after the soft-cap. score_mod: `f(logits [Lk], h, i + q_offset, j [Lk])` in NumPy,
+    after ALiBi."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     length_q, num_heads, head_dim = q.shape
     length_k, num_kv_heads = k.shape[:2]
@@ -121,6 +123,8 @@ def core_np(
                 logits = softcap * np.tanh(logits / softcap)
             if alibi is not None:
                 logits = logits + float(alibi[h]) * (np.arange(length_k) - (i + q_offset))
+            if score_mod is not None:
+                logits = np.asarray(score_mod(logits, h, i + q_offset, np.arange(length_k)), np.float64)
             logits = np.where(seen, logits + np.where(seen, bias[h, i], 0), -np.inf)
             top = logits[seen].max()
             sink = 0.0

@@ -257,6 +257,18 @@ TABLE = [
         r"alibi must be True, False or a positive head count; got 0",
     ),
     (
+        "xla_cannot_apply_score_mod",
+        lambda: one(options=mj.Options(implementation="xla", score_mod=lambda s, h, q, k: s))(),
+        ValueError,
+        r'implementation="xla" cannot apply a score function \(score_mod\)',
+    ),
+    (
+        "score_mod_not_a_function",
+        lambda: mj.Options(score_mod=0.5),
+        TypeError,
+        r"score_mod must be a function \(score, head, q_idx, kv_idx\) -> score or None; got 0.5",
+    ),
+    (
         "sinks_one_per_kv_head",
         one(params=PARAMS._replace(sinks=jnp.zeros(H + 1))),
         ValueError,

@@ -12,7 +12,15 @@ import mha_jax
 # Lowest first. A package stands for every module in it.
 LAYERS = [
     ["mha_jax._checks"],
-    ["mha_jax.masks", "mha_jax.rope", "mha_jax.qk_norm", "mha_jax.params", "mha_jax.stages", "mha_jax.alibi"],
+    [
+        "mha_jax.masks",
+        "mha_jax.rope",
+        "mha_jax.qk_norm",
+        "mha_jax.params",
+        "mha_jax.stages",
+        "mha_jax.alibi",
+        "mha_jax.score_mod",
+    ],
     ["mha_jax.options"],
     ["mha_jax.kernels"],
     ["mha_jax._validate", "mha_jax.frame"],
@@ -159,7 +167,7 @@ def test_contributing_lists_every_file_a_feature_touches():
     section = readme[readme.index("## Contributing") :]
     entries = re.findall(r"^- `(\w+)` touches: (.*?)(?=^\S|^- |\n\n)", section, flags=re.M | re.S)
     listed = {word: set(re.findall(r"`(mha_jax/[\w/]+\.py)`", files)) for word, files in entries}
-    assert set(listed) == {"softcap", "alibi", "sinks", "chunk", "segment_ids"}, listed
+    assert set(listed) == {"softcap", "alibi", "score_mod", "sinks", "chunk", "segment_ids"}, listed
     for word, files in listed.items():
         assert uses(word) == files, (
             f"{word}: the code names it in {sorted(uses(word))}; README lists {sorted(files)}"

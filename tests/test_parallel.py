@@ -170,6 +170,21 @@ def _per_device(function, length=32, num_heads=8, **kwargs):
     return jax.eval_shape(sharded, q, kv, kv)
 
 
+def _learning_a_table(context):
+    """The gradient of a table that a mesh path's score_mod closes over, traced (not run)."""
+    init = functools.partial(mj.init_params, d_model=16, num_heads=8, num_kv_heads=4, head_dim=4)
+    params = jax.eval_shape(init, jax.random.PRNGKey(0))
+    x = jax.ShapeDtypeStruct((2, 32, 16), jnp.float32)
+
+    def loss(table, params, x):
+        options = mj.Options(score_mod=lambda s, h, q, k: s + table[h])
+        out = parallel.mesh_attention(params, x, num_heads=8, mesh=MESH, seq_axis="seq", context=context,
+                                      options=options)  # fmt: skip
+        return jnp.sum(out)
+
+    return jax.eval_shape(jax.grad(loss), jax.ShapeDtypeStruct((8,), jnp.float32), params, x)
+
+
 BAD_INPUTS = [
     # (what, call, exception, message)
     (
@@ -232,6 +247,27 @@ BAD_INPUTS = [
         ValueError,
         r"options.alibi must be False for a striped ring \(use a contiguous one\); got True",
     ),  # fmt: skip
+    (
+        "score_mod with a striped ring",
+        lambda: _layer(
+            seq_axis="seq",
+            is_causal=True,
+            layout=parallel.Layout("striped", 8),
+            options=mj.Options(score_mod=lambda s, h, q, k: s - 0.1 * h),
+        ),
+        ValueError,
+        r"options.score_mod must be None for a striped ring \(use a contiguous one\)",
+    ),  # fmt: skip
+    *[
+        (
+            f"{context} learning what its score_mod closes over",
+            functools.partial(_learning_a_table, context),
+            ValueError,
+            r"options.score_mod must close over no array that is being differentiated inside "
+            r"jax.shard_map \(the mesh paths: ring, all-to-all, all-gather\); it closes over 1",
+        )
+        for context in ("ring", "all_to_all", "all_gather")
+    ],
     (
         "unknown layout kind",
         lambda: _layer(seq_axis="seq", layout=parallel.Layout("zigzag", 8)),
@@ -354,6 +390,9 @@ STRATEGIES = [
     "ring: dynamic-NTK RoPE, striped, causal, padded",
     "ring: ALiBi, data x seq x heads, causal, window, padded",
     "all_to_all: ALiBi and sinks, seq x heads, striped, padded",
+    "ring: score_mod of global positions and heads, data x seq x heads, causal, padded",
+    "all_to_all: score_mod reading a table, seq x heads, striped, padded",
+    "all_gather: score_mod reading a table, causal, padded",
 ]
 
 
@@ -572,6 +611,32 @@ def _strategies() -> dict:
         reference(options=with_alibi, **causal),
         (sink_params, x),
     )  # fmt: skip
+    # A score function sees global positions and the layer's head numbers (a table it closes
+    # over is read, not learned: the mesh paths refuse that, BAD_INPUTS).
+    curved = mj.Options(
+        score_mod=lambda s, h, q, k: jnp.tanh(s) * (2.0 + 0.25 * h) + 0.02 * (k - q) * (h % 3)
+    )
+    cases["ring: score_mod of global positions and heads, data x seq x heads, causal, padded"] = (
+        lambda p, x: layer(p, x, mesh=cube, data_axis="data", seq_axis="seq", heads_axis="heads",
+                           options=curved, **causal),
+        reference(options=curved, **causal),
+        (params, x),
+    )  # fmt: skip
+    table = jax.random.normal(rng[4], (num_heads, 16))
+    tabled = mj.Options(score_mod=lambda s, h, q, k: s + table[h, jnp.clip(q - k, 0, 15)])
+    ulysses = dict(
+        mesh=seq4_heads2, seq_axis="seq", heads_axis="heads", context="all_to_all", layout=striped4
+    )
+    cases["all_to_all: score_mod reading a table, seq x heads, striped, padded"] = (
+        in_layout(lambda p, x: layer(p, x, options=tabled, **ulysses, **causal), striped4),
+        reference(options=tabled, **causal),
+        (params, x),
+    )
+    cases["all_gather: score_mod reading a table, causal, padded"] = (
+        lambda p, x: layer(p, x, mesh=seq8, seq_axis="seq", context="all_gather", options=tabled, **causal),
+        reference(options=tabled, **causal),
+        (params, x),
+    )
     return {name: _guarded(_compare, run, expected, args) for name, (run, expected, args) in cases.items()}
 
 

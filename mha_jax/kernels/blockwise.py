@@ -28,13 +28,14 @@ q blocks `[nq, Hkv, G, Bq, Dh]`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 
-from mha_jax import _checks, alibi
+from mha_jax import _checks, alibi, score_mod
 from mha_jax.kernels.request import Request, fused_limits
 from mha_jax.masks import Structure, check_structure
 from mha_jax.options import Options
@@ -51,6 +52,8 @@ class Config(NamedTuple):
     scale: float
     softcap: float | None = None
     alibi: bool | int = False
+    score_mod: Callable | None = None  # fn(s, head, q, k, *consts): closure-converted by _flash's caller
+    score_mod_axes: frozenset | None = None  # the mesh axes its arguments vary over (converted)
 
 
 def default_block_sizes(length_q: int, length_k: int) -> tuple[int, int]:
@@ -115,7 +118,14 @@ def blockwise_attention(
     if bias is not None:
         bias = jnp.broadcast_to(bias, (bias.shape[0] if bias.ndim == 3 else 1, length_q, length_k))
     sinks = None if sinks is None else sinks.astype(jnp.promote_types(sinks.dtype, jnp.float32))
-    return _flash(q, k, v, mask, bias, structure, sinks, config)
+    consts = ()
+    if config.score_mod is not None:  # what it closes over and is differentiated: explicit
+        axes = score_mod.varying_axes(q, k, v, structure)
+        converted, consts, axes = score_mod.closure(config.score_mod, _accumulator(q.dtype), axes)
+        if consts and axes:
+            score_mod.refuse_learning_on_a_mesh(config.score_mod, axes)
+        config, consts = config._replace(score_mod=converted, score_mod_axes=axes), tuple(consts)
+    return _flash(q, k, v, mask, bias, structure, sinks, consts, config)
 
 
 def _setup(q, k, structure: Structure, options: Options, block_sizes):
@@ -134,6 +144,7 @@ def _setup(q, k, structure: Structure, options: Options, block_sizes):
         scale=head_dim**-0.5 if options.scale is None else options.scale,
         softcap=options.softcap,
         alibi=options.alibi,
+        score_mod=options.score_mod,
     )
     # Positions are int32 whatever jax_enable_x64 says: block indices mix with them.
     positions = {
@@ -280,14 +291,25 @@ def _scores(q_blk, k_blk, post_scale: float | None, softcap: float | None):
     return soft_cap(s if post_scale is None else s * post_scale, softcap)
 
 
-def _alibi(s, slopes, i, k_start, structure: Structure, config: Config):
-    """`s [H, Bq, Bk]` plus ALiBi's `slope_h · (t - p)` for block i's rows and the keys from
-    `k_start` (None: no ALiBi), at the rules' positions."""
-    if slopes is None:
-        return s
+def _positions(i, k_start, structure: Structure, config: Config):
+    """The rules' positions of block i's rows `[Bq]` and of the keys from `k_start` `[Bk]`."""
     q_pos = i * config.block_q + jnp.arange(config.block_q, dtype=jnp.int32) + structure.q_offset
     k_pos = k_start + jnp.arange(config.block_k, dtype=jnp.int32) + structure.k_offset
-    return alibi.add(s, slopes, q_pos, k_pos)
+    return q_pos, k_pos
+
+
+def _alibi(s, slopes, i, k_start, structure: Structure, config: Config):
+    """`s [H, Bq, Bk]` plus ALiBi's `slope_h · (t - p)` (slopes None: no ALiBi)."""
+    return s if slopes is None else alibi.add(s, slopes, *_positions(i, k_start, structure, config))
+
+
+def _modified(s, consts, i, k_start, structure: Structure, config: Config):
+    """`s [H, Bq, Bk]` through the user's score function, if any (`mha_jax.score_mod`)."""
+    if config.score_mod is None:
+        return s
+    heads = structure.head_offset + jnp.arange(s.shape[0], dtype=jnp.int32)  # the layer's numbers
+    positions = _positions(i, k_start, structure, config)
+    return score_mod.apply(config.score_mod, s, heads, *positions, consts, config.score_mod_axes)
 
 
 def _slopes(num_heads: int, structure: Structure, config: Config):
@@ -335,7 +357,7 @@ def _key_blocks(k, v, config: Config, in_place: bool):
     return kv
 
 
-def _forward(q, k, v, mask, bias, structure: Structure, sinks, config: Config):
+def _forward(q, k, v, mask, bias, structure: Structure, sinks, consts, config: Config):
     num_kv_heads = k.shape[1]
     q, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
@@ -358,7 +380,7 @@ def _forward(q, k, v, mask, bias, structure: Structure, sinks, config: Config):
                     visible &= start + jnp.arange(config.block_k, dtype=jnp.int32) >= j * config.block_k
                 k_blk, v_blk = _zero_unseen(visible, k_blk, v_blk)
             s = _alibi(_scores(q_blk, k_blk, post_scale, config.softcap), slopes, i, start, structure, config)
-            s = _plus(s, _slice_block(bias, i, j, config))
+            s = _plus(_modified(s, consts, i, start, structure, config), _slice_block(bias, i, j, config))
             if masked:  # hidden entries become -inf: exp gives exactly 0
                 s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -400,7 +422,7 @@ def _forward(q, k, v, mask, bias, structure: Structure, sinks, config: Config):
 
 
 def _backward(config: Config, residuals, d_out):
-    q, k, v, mask, bias, structure, sinks, out, lse_blocks = residuals
+    q, k, v, mask, bias, structure, sinks, consts, out, lse_blocks = residuals
     num_kv_heads = k.shape[1]
     q_scaled, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q_scaled, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
@@ -419,17 +441,20 @@ def _backward(config: Config, residuals, d_out):
     ).reshape(lse_blocks.shape)  # [nq, H, Bq]
 
     def one_kv_block(carry, j):
-        dq_all, dbias_all = carry  # [nq, Hkv, G, Bq, Dh] f32, [Hb, Lq', Lk'] f32 or None
+        dq_all, dbias_all, d_consts = carry  # [nq, Hkv, G, Bq, Dh] f32, [Hb, Lq', Lk'] f32 or None, ...
         k_blk, v_blk = k_blocks[j], v_blocks[j]
 
         def step(i, inner, masked, k_blk=k_blk, v_blk=v_blk):
-            dk, dv, dq_all, dbias_all = inner
+            dk, dv, dq_all, dbias_all, d_consts = inner
             q_blk, do_blk = q_blocks[i], do_blocks[i]
             if masked:
                 visible = _block_mask(i, j, mask_b, structure, config)  # [H or 1, Bq, Bk]
                 k_blk, v_blk = _zero_unseen(visible, k_blk, v_blk)
             capped = _scores(q_blk, k_blk, post_scale, config.softcap)
             s = _alibi(capped, slopes, i, j * config.block_k, structure, config)  # its derivative: 1
+            if config.score_mod is not None:  # its VJP, this tile's: to the scores and the closure
+                modify = lambda s, c: _modified(s, c, i, j * config.block_k, structure, config)
+                s, pull = jax.vjp(modify, s, consts)
             p = jnp.exp(_plus(s, _slice_block(bias_b, i, j, config)) - lse_blocks[i][..., None])
             if masked:
                 p = jnp.where(visible, p, 0.0)
@@ -439,8 +464,12 @@ def _backward(config: Config, residuals, d_out):
             ds = p_g * (dp - _grouped(delta_blocks[i], hkv)[..., None])  # [Hkv, G, Bq, Bk]
             # Through the soft-cap: d(cap·tanh(s/cap))/ds = 1 - tanh² = 1 - (capped/cap)².
             d_raw = ds
+            if config.score_mod is not None:
+                d_s, d_c = pull(ds.reshape(s.shape).astype(s.dtype))
+                d_raw = _grouped(d_s, hkv)
+                d_consts = jax.tree.map(lambda total, d: total + d.astype(total.dtype), d_consts, d_c)
             if config.softcap is not None:
-                d_raw = ds * (1 - jnp.square(_grouped(capped, hkv) / config.softcap))
+                d_raw = d_raw * (1 - jnp.square(_grouped(capped, hkv) / config.softcap))
             # q_blk carries the scale when it was folded in; else scale dk below.
             dk = dk + jnp.einsum("hgqk,hgqd->hkd", d_raw.astype(q.dtype), q_blk, preferred_element_type=acc)
             dq_blk = jnp.einsum("hgqk,hkd->hgqd", d_raw.astype(k.dtype), k_blk, preferred_element_type=acc)
@@ -451,18 +480,22 @@ def _backward(config: Config, residuals, d_out):
                 start = (jnp.int32(0), i * config.block_q, j * config.block_k)
                 old = jax.lax.dynamic_slice(dbias_all, start, ds_h.shape)
                 dbias_all = jax.lax.dynamic_update_slice(dbias_all, old + ds_h, start)
-            return dk, dv, dq_all, dbias_all
+            return dk, dv, dq_all, dbias_all, d_consts
 
         lo, flo, fhi, hi = _q_blocks_of(j, structure, mask_b is not None, config)
         zeros = jnp.zeros_like(k_blk, acc)  # *_like: see the forward's carries
-        dk, dv, dq_all, dbias_all = _three_segments(step, lo, flo, fhi, hi, (zeros, zeros, dq_all, dbias_all))
-        return (dq_all, dbias_all), (dk if post_scale is None else dk * post_scale, dv)
+        inner = (zeros, zeros, dq_all, dbias_all, d_consts)
+        dk, dv, dq_all, dbias_all, d_consts = _three_segments(step, lo, flo, fhi, hi, inner)
+        return (dq_all, dbias_all, d_consts), (dk if post_scale is None else dk * post_scale, dv)
 
     dq0 = jnp.zeros_like(q_blocks, acc)
     dbias0 = None if bias_b is None else jnp.zeros_like(bias_b, acc)
-    (dq_blocks, dbias), (dk_blocks, dv_blocks) = jax.lax.scan(
-        one_kv_block, (dq0, dbias0), jnp.arange(k_blocks.shape[0], dtype=jnp.int32)
+    d_consts0 = tuple(jnp.zeros_like(c, jnp.promote_types(c.dtype, jnp.float32)) for c in consts)
+    (dq_blocks, dbias, d_consts), (dk_blocks, dv_blocks) = jax.lax.scan(
+        one_kv_block, (dq0, dbias0, d_consts0), jnp.arange(k_blocks.shape[0], dtype=jnp.int32)
     )
+    # A closure's values are shared by every example and device: their cotangents add up.
+    d_consts = tuple(sum_like(d.astype(c.dtype), c) for d, c in zip(d_consts, consts, strict=True))
     dq = _q_unblock(dq_blocks * config.scale, config.length_q).astype(q.dtype)
     dk = _kv_unblock(dk_blocks, config.length_k).astype(k.dtype)
     dv = _kv_unblock(dv_blocks, config.length_k).astype(v.dtype)
@@ -473,7 +506,7 @@ def _backward(config: Config, residuals, d_out):
         p_sink = jnp.exp(sinks.astype(acc)[None, :, None] - lse_blocks)  # [nq, H, Bq]
         d_sinks = -jnp.sum(p_sink * delta_blocks, axis=(0, 2)).astype(sinks.dtype)  # [H]
         d_sinks = sum_like(d_sinks, sinks)
-    return dq, dk, dv, None, dbias, None, d_sinks
+    return dq, dk, dv, None, dbias, None, d_sinks, d_consts
 
 
 def sum_like(cotangent: Array, primal: Array) -> Array:
@@ -502,16 +535,16 @@ def _one_example_at_a_time(fn, config: Config):
     return jax.custom_batching.sequential_vmap(fn)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(q, k, v, mask, bias, structure, sinks, config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _flash(q, k, v, mask, bias, structure, sinks, consts, config):
     forward = _one_example_at_a_time(functools.partial(_forward, config=config), config)
-    return forward(q, k, v, mask, bias, structure, sinks)[0]
+    return forward(q, k, v, mask, bias, structure, sinks, consts)[0]
 
 
-def _flash_fwd(q, k, v, mask, bias, structure, sinks, config):
+def _flash_fwd(q, k, v, mask, bias, structure, sinks, consts, config):
     forward = _one_example_at_a_time(functools.partial(_forward, config=config), config)
-    out, lse = forward(q, k, v, mask, bias, structure, sinks)
-    return out, (q, k, v, mask, bias, structure, sinks, out, lse)
+    out, lse = forward(q, k, v, mask, bias, structure, sinks, consts)
+    return out, (q, k, v, mask, bias, structure, sinks, consts, out, lse)
 
 
 def _flash_bwd(config, residuals, d_out):
@@ -546,7 +579,7 @@ def attention_with_lse(
     `out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)`. No VJP: a caller that
     differentiates defines one with `attention_backward_with_lse`."""
     config, structure = _setup(q, k, structure, options or Options(), block_sizes)
-    out, lse_blocks = _forward(q, k, v, None, None, structure, None, config)
+    out, lse_blocks = _forward(q, k, v, None, None, structure, None, (), config)
     nq, num_heads, block_q = lse_blocks.shape
     lse = lse_blocks.transpose(0, 2, 1).reshape(nq * block_q, num_heads)[: config.length_q]  # [Lq, H]
     # The kernel marks a row that saw nothing with +inf (its recomputed probabilities
@@ -575,7 +608,7 @@ def attention_backward_with_lse(
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # back to the kernel's mark for "saw nothing"
     lse_blocks = _pad_axis(lse, 0, nq * config.block_q, jnp.inf)
     lse_blocks = lse_blocks.reshape(nq, config.block_q, -1).transpose(0, 2, 1)  # [nq, H, Bq]
-    residuals = (q, k, v, None, None, structure, None, out, lse_blocks)
+    residuals = (q, k, v, None, None, structure, None, (), out, lse_blocks)
     dq, dk, dv, *_ = _backward(config, residuals, d_out)
     return dq, dk, dv
 

@@ -1,6 +1,6 @@
 """The reference kernel: the chapter's stages, `[H, Lq, Lk]` scores in memory.
 
-    scores  = softcap(q kᵀ · scale) (+ ALiBi) (+ bias) [H, Lq, Lk]  float32
+    scores  = score_mod(softcap(q kᵀ · scale) (+ ALiBi)) (+ bias) [H, Lq, Lk]  float32
     weights = softmax(scores, where=visible) [H, Lq, Lk]  float32, hidden entries exactly 0
     heads   = dropout(weights) · v           [Lq, H, Dh]
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mha_jax import alibi, masks
+from mha_jax import alibi, masks, score_mod
 from mha_jax.kernels.request import Request
 from mha_jax.stages import (
     apply_weights,
@@ -38,10 +38,14 @@ def run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
         rules = structure.allows(jnp.arange(length_q), jnp.arange(length_k))  # [Lq, Lk]
         mask = masks.combine(mask, rules)
     scores = soft_cap(attention_scores(q, k, options.scale), options.softcap)  # [H, Lq, Lk] float32
-    if options.alibi:  # at the rules' positions, of the layer's heads
+    # ALiBi and a score function read the rules' positions and the layer's head numbers.
+    q_pos, k_pos = jnp.arange(length_q) + structure.q_offset, jnp.arange(length_k) + structure.k_offset
+    if options.alibi:
         slopes = alibi.head_slopes(options.alibi, scores.shape[0], structure.head_offset)
-        q_pos, k_pos = jnp.arange(length_q) + structure.q_offset, jnp.arange(length_k) + structure.k_offset
         scores = alibi.add(scores, slopes, q_pos, k_pos)
+    if options.score_mod is not None:
+        heads = structure.head_offset + jnp.arange(scores.shape[0])
+        scores = score_mod.apply(options.score_mod, scores, heads, q_pos, k_pos)
     if bias is not None:
         scores = scores + bias.astype(scores.dtype)
     if sinks is None:

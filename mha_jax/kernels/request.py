@@ -31,6 +31,7 @@ class Request(NamedTuple):
     batched: bool = False  # the caller hands over a whole batch (`attend_batch`), not one example
     has_sinks: bool = False  # the params hold attention sinks
     alibi: bool | int = False  # Options.alibi
+    has_score_mod: bool = False  # Options.score_mod is set
 
     @classmethod
     def of(cls, q, k, *, mask, bias, structure, options, return_weights, sinks=None) -> Request:
@@ -55,6 +56,7 @@ class Request(NamedTuple):
             gpu_capability=capability,
             has_sinks=sinks is not None,
             alibi=options.alibi,
+            has_score_mod=options.score_mod is not None,
         )
 
     @property
@@ -75,7 +77,7 @@ def fused_limits(request: Request) -> list[str]:
 
 
 def library_kernel_limits(request: Request) -> list[str]:
-    """Kernels from other libraries (jax.nn, Pallas): fused, no soft-cap, sinks or ALiBi."""
+    """Kernels from other libraries (jax.nn, Pallas): fused, no soft-cap, sinks, ALiBi or score_mod."""
     reasons = fused_limits(request)
     if request.softcap is not None:
         reasons.append("apply a logit soft-cap (softcap)")
@@ -83,6 +85,8 @@ def library_kernel_limits(request: Request) -> list[str]:
         reasons.append("add attention sinks (params.sinks)")
     if request.alibi:
         reasons.append("add ALiBi's position bias (alibi)")
+    if request.has_score_mod:
+        reasons.append("apply a score function (score_mod)")
     return reasons
 
 

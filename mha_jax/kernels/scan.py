@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from mha_jax import alibi, stages
+from mha_jax import alibi, score_mod, stages
 from mha_jax.kernels.request import Request, float32_softmax_limits, fused_limits
 from mha_jax.masks import Structure
 from mha_jax.options import Options
@@ -90,6 +90,7 @@ def scan_cache(
     count = jnp.maximum((jnp.max(hi) + block - 1) // block - first, 0)  # blocks per example
     rows = jnp.arange(new)
     slopes = None
+    head_ids = example(0).head_offset + jnp.arange(heads)  # the layer's head numbers
     if options.alibi:
         slopes = alibi.head_slopes(options.alibi, heads, example(0).head_offset).astype(jnp.float32)  # [H]
 
@@ -118,6 +119,13 @@ def scan_cache(
             scores = scores + (slopes[None, :, None] * distance[:, None, :].astype(jnp.float32)).reshape(
                 scores.shape
             )
+        if options.score_mod is not None:  # on the [H, T, C] grid of example b's positions
+            rules = example(b)
+            grid = scores.reshape(block, heads, new).transpose(1, 2, 0)
+            grid = score_mod.apply(
+                options.score_mod, grid, head_ids, rows + rules.q_offset, keys + rules.k_offset
+            )
+            scores = grid.transpose(2, 0, 1).reshape(scores.shape)
         seen = jnp.broadcast_to(visible.T[:, None], (block, heads, new)).reshape(scores.shape)
         scores = jnp.where(seen, scores, -jnp.inf)
         new_top = jnp.maximum(top[b], scores.max(axis=0))  # [H·T]

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from mha_jax import _checks
+from mha_jax import _checks, score_mod
 from mha_jax.kernels import blockwise
 from mha_jax.masks import Structure, check_structure
 from mha_jax.options import Options
@@ -100,6 +100,11 @@ def _settle(q, k, v, axis_name, structure, options, layout, block_sizes):
         refuse_bands(structure, name="structure.")
         if options.alibi:  # its offsets give striped rows their order, not their distances
             raise _checks.fail("options.alibi", "be False for a striped ring (use a contiguous one)", True)
+        if options.score_mod is not None:
+            raise _checks.fail("options.score_mod", "be None for a striped ring (use a contiguous one)",
+                               options.score_mod)  # fmt: skip
+    if options.score_mod is not None:
+        score_mod.refuse_learning_on_a_mesh(options.score_mod, score_mod.varying_axes(q, k, v))
     ring = Ring(
         axis_name, axis_size, layout.kind, options, None if block_sizes is None else tuple(block_sizes)
     )
