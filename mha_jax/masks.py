@@ -69,6 +69,11 @@ class Structure:
                  (Llama 4's chunked attention).
     prefix:      with is_causal, keys at t < prefix are visible to every row
                  (bidirectional prefix, causal after it: prefix-LM).
+    mask_mod:    `fn(head, q_idx, kv_idx) -> bool`, FlexAttention's `mask_mod`, written for
+                 one entry (vmapped over a tile): the layer's head number and the positions
+                 p and t. It may close over arrays (per-document data). Static: part of
+                 the compilation's key. The kernels that take it (reference, blockwise)
+                 build a block table from it (`mask_mod_blocks`) and skip empty tiles.
 
     A pytree: the static rules (is_causal, window, chunk, and int positions) are its
     metadata, the arrays its leaves, so it crosses `jit`, `vmap` and `custom_vjp` as one
@@ -97,6 +102,7 @@ class Structure:
     prefix: Any = None  # int | Array | None
     k_offset: Any = 0  # int | Array
     head_offset: Any = 0  # int | Array
+    mask_mod: Any = None  # Callable | None
 
     # -- a pytree: arrays are leaves, the rest is static
 
@@ -114,12 +120,12 @@ class Structure:
             (jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in ARRAY_FIELDS if n not in self._static
         ]
         static = tuple((n, getattr(self, n)) for n in self._static)
-        return leaves, (static, self.is_causal, self.window, self.chunk)
+        return leaves, (static, self.is_causal, self.window, self.chunk, self.mask_mod)
 
     @classmethod
     def tree_unflatten(cls, aux, leaves):
-        static, is_causal, window, chunk = aux
-        fields = dict(static, is_causal=is_causal, window=window, chunk=chunk)
+        static, is_causal, window, chunk, mask_mod = aux
+        fields = dict(static, is_causal=is_causal, window=window, chunk=chunk, mask_mod=mask_mod)
         fields.update(zip([n for n in ARRAY_FIELDS if n not in fields], leaves, strict=True))
         # Not through __init__: the leaves may be of any kind (vmap's in_axes, sentinels).
         structure = object.__new__(cls)
@@ -135,7 +141,7 @@ class Structure:
     def is_trivial(self) -> bool:
         """No rule at all: every key visible to every row."""
         return (not self.is_causal and self.kv_length is None and self.window is None
-                and self.segment_ids is None and self.chunk is None)  # fmt: skip
+                and self.segment_ids is None and self.chunk is None and self.mask_mod is None)  # fmt: skip
 
     # -- the dense form
 
@@ -158,6 +164,13 @@ class Structure:
             q_seg, kv_seg = self.segments
             allowed &= _at(q_seg, q_pos)[:, None] == _at(kv_seg, k_pos)[None, :]
         return allowed
+
+    def allows_per_head(self, q_pos: Array, k_pos: Array, heads: Array) -> Bool[Array, "H Lq Lk"]:
+        """`allows` and `mask_mod` for the given rows, keys and layer head numbers `[H]`."""
+        allowed = self.allows(q_pos, k_pos)[None]
+        if self.mask_mod is None:
+            return allowed
+        return allowed & mask_mod_grid(self.mask_mod, heads, q_pos + self.q_offset, k_pos + self.k_offset)
 
     @property
     def segments(self) -> tuple[Array, Array] | None:
@@ -208,6 +221,8 @@ class Structure:
         if self.segment_ids is not None:
             q_seg, kv_seg = self.segments
             lo, hi = _segment_range(q_seg, kv_seg, first, last, lo, hi, every)
+        if every and self.mask_mod is not None:  # it may hide any entry (its block table knows)
+            hi = lo
         return lo, jnp.maximum(hi, lo)
 
     def _rows(self, first, last, length_q: int, *, every: bool):
@@ -239,6 +254,8 @@ class Structure:
         if self.segment_ids is not None:
             q_seg, kv_seg = self.segments
             lo, hi = _segment_range(kv_seg, q_seg, first, last, lo, hi, every)
+        if every and self.mask_mod is not None:
+            hi = lo
         return lo, jnp.maximum(hi, lo)
 
     def query_sees_any(self, length_q: int, length_k: int) -> Bool[Array, " Lq"]:
@@ -252,6 +269,14 @@ class Structure:
         keys = jnp.arange(length_k)
         lo, hi = self.rows_seeing(keys, keys, length_q)
         return hi > lo
+
+
+def mask_mod_grid(fn, heads: Array, q_pos: Array, k_pos: Array) -> Bool[Array, "H Lq Lk"]:
+    """`fn(head, q, k)` for every head `[H]`, query position `[Lq]` and key position `[Lk]`."""
+    over_keys = jax.vmap(lambda h, q, k: jnp.asarray(fn(h, q, k), bool), in_axes=(None, None, 0))
+    over_rows = jax.vmap(over_keys, in_axes=(None, 0, None))
+    grid = jax.vmap(over_rows, in_axes=(0, None, None))
+    return grid(heads.astype(jnp.int32), q_pos.astype(jnp.int32), k_pos.astype(jnp.int32))
 
 
 def _at(ids: Array, index) -> Array:
@@ -290,6 +315,9 @@ def check_structure(structure, length_q: int, length_k: int, batch: int | None =
         raise TypeError(f"structure must be an mha_jax.Structure; got {type(structure).__name__}")
     if structure.chunk is not None and not (_checks.is_int(structure.chunk) and structure.chunk > 0):
         raise _checks.fail(f"{name}chunk", "be a positive int (static) or None", repr(structure.chunk))
+    if structure.mask_mod is not None and not callable(structure.mask_mod):
+        raise TypeError(f"{name}mask_mod must be a function (head, q_idx, kv_idx) -> bool or None; "
+                        f"got {structure.mask_mod!r}")  # fmt: skip
     batched = batch is not None
     lead, legend = ((batch,), "[B, ") if batched else ((), "[")
     for field in ("q_offset", "kv_length", "prefix"):

@@ -36,7 +36,7 @@ def apply(
     # Inside `jax.shard_map` the arguments must vary over the same mesh axes, and a converted
     # fn's over the axes it was traced with: it is a jaxpr, its constants marked for them.
     # (The consts go in as they were traced: the jaxpr marks them itself.)
-    args = _same_varying(scores, heads.astype(jnp.int32), q_pos.astype(jnp.int32), k_pos.astype(jnp.int32),
+    args = same_varying(scores, heads.astype(jnp.int32), q_pos.astype(jnp.int32), k_pos.astype(jnp.int32),
                          axes=axes)  # fmt: skip
     one = lambda s, h, q, k: fn(s, h, q, k, *consts)
     over_keys = jax.vmap(one, in_axes=(0, None, None, 0))
@@ -50,7 +50,7 @@ def closure(fn: Callable, dtype, axes: frozenset = frozenset()) -> tuple[Callabl
     take part in differentiation, as explicit arguments (none: `consts` is empty), and the
     mesh axes to call it with (`axes` and those the consts vary over)."""
     while True:
-        score, index = _same_varying(jnp.zeros((), dtype), jnp.zeros((), jnp.int32), axes=axes)
+        score, index = same_varying(jnp.zeros((), dtype), jnp.zeros((), jnp.int32), axes=axes)
         converted, consts = jax.closure_convert(fn, score, index, index, index)
         if varying_axes(consts) <= axes:
             return converted, consts, axes
@@ -62,7 +62,7 @@ def varying_axes(*trees) -> frozenset:
     return frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in jax.tree.leaves(trees)))
 
 
-def _same_varying(*arrays, axes=None):
+def same_varying(*arrays, axes=None):
     """The arrays, each marked as varying over `axes` (None: every axis any of them varies over)."""
     axes = varying_axes(arrays) if axes is None else axes
     manual = lambda a: jax.typeof(a).manual_axis_type.varying

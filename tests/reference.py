@@ -32,13 +32,14 @@ def visible_np(
     segment_ids=None,
     chunk=None,
     prefix=None,
+    mask_mod=None,
 ):
     """`[H, Lq, Lk]` bool: may query i see key j in head h? Loops, not tricks.
 
     Query i sits at position i + q_offset, key j at j. is_causal: j <= position, or j <
     prefix (a bidirectional prefix); chunk: both in the same block of `chunk` positions
     (position // chunk == j // chunk); segment_ids (one array, or a (queries, keys) pair):
-    the same id."""
+    the same id; mask_mod: `f(h, position, j)` is true."""
     if isinstance(window, int):
         window = (window, window)
     if segment_ids is not None and not isinstance(segment_ids, tuple | list):
@@ -57,6 +58,9 @@ def visible_np(
                 allowed[:, i, j] = False
             if segment_ids is not None and int(segment_ids[0][i]) != int(segment_ids[1][j]):
                 allowed[:, i, j] = False
+            if mask_mod is not None:
+                for h in range(num_heads):
+                    allowed[h, i, j] &= bool(mask_mod(h, pos, j))
     if mask is not None:
         allowed &= np.broadcast_to(np.asarray(mask, bool), allowed.shape)
     if bias is not None:

@@ -269,6 +269,12 @@ TABLE = [
         r"score_mod must be a function \(score, head, q_idx, kv_idx\) -> score or None; got 0.5",
     ),
     (
+        "mask_mod_not_a_function",
+        one(structure=mj.Structure(is_causal=True, mask_mod="documents")),
+        TypeError,
+        r"mask_mod must be a function \(head, q_idx, kv_idx\) -> bool or None; got 'documents'",
+    ),
+    (
         "sinks_one_per_kv_head",
         one(params=PARAMS._replace(sinks=jnp.zeros(H + 1))),
         ValueError,

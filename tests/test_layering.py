@@ -167,7 +167,9 @@ def test_contributing_lists_every_file_a_feature_touches():
     section = readme[readme.index("## Contributing") :]
     entries = re.findall(r"^- `(\w+)` touches: (.*?)(?=^\S|^- |\n\n)", section, flags=re.M | re.S)
     listed = {word: set(re.findall(r"`(mha_jax/[\w/]+\.py)`", files)) for word, files in entries}
-    assert set(listed) == {"softcap", "alibi", "score_mod", "sinks", "chunk", "segment_ids"}, listed
+    assert set(listed) == {"softcap", "alibi", "score_mod", "sinks", "chunk", "segment_ids", "mask_mod"}, (
+        listed
+    )
     for word, files in listed.items():
         assert uses(word) == files, (
             f"{word}: the code names it in {sorted(uses(word))}; README lists {sorted(files)}"

@@ -269,6 +269,16 @@ BAD_INPUTS = [
         for context in ("ring", "all_to_all", "all_gather")
     ],
     (
+        "mask_mod with a striped ring",
+        lambda: _layer(
+            seq_axis="seq",
+            layout=parallel.Layout("striped", 8),
+            structure=Structure(is_causal=True, mask_mod=lambda h, q, k: q - k < 4),
+        ),
+        ValueError,
+        r"mask_mod must be None for a striped ring",
+    ),  # fmt: skip
+    (
         "unknown layout kind",
         lambda: _layer(seq_axis="seq", layout=parallel.Layout("zigzag", 8)),
         ValueError,
@@ -393,6 +403,8 @@ STRATEGIES = [
     "ring: score_mod of global positions and heads, data x seq x heads, causal, padded",
     "all_to_all: score_mod reading a table, seq x heads, striped, padded",
     "all_gather: score_mod reading a table, causal, padded",
+    "ring: mask_mod of global positions and heads, data x seq x heads, causal, padded",
+    "all_to_all: mask_mod of global positions and heads, seq x heads, striped",
 ]
 
 
@@ -637,6 +649,23 @@ def _strategies() -> dict:
         reference(options=tabled, **causal),
         (params, x),
     )
+    # A mask function reads global positions and the layer's head numbers (and closes over data).
+    documents = jnp.asarray(np.repeat(np.arange(6), [5, 11, 2, 14, 9, 7]))  # ids of positions 0 ... 47
+    by_document = lambda h, q, k: (documents[q] == documents[k]) | ((h % 3 == 0) & (q - k < 6))
+    masked = mj.Structure(is_causal=True, kv_length=padded, mask_mod=by_document)
+    cases["ring: mask_mod of global positions and heads, data x seq x heads, causal, padded"] = (
+        lambda p, x: layer(p, x, mesh=cube, data_axis="data", seq_axis="seq", heads_axis="heads",
+                           structure=masked),
+        lambda p, x: _reference(p, x, None, num_heads=num_heads, structure=masked),
+        (params, x),
+    )  # fmt: skip
+    unpadded = masked.replace(kv_length=None)
+    cases["all_to_all: mask_mod of global positions and heads, seq x heads, striped"] = (
+        in_layout(lambda p, x: layer(p, x, mesh=seq4_heads2, seq_axis="seq", heads_axis="heads",
+                                     context="all_to_all", layout=striped4, structure=unpadded), striped4),
+        lambda p, x: _reference(p, x, None, num_heads=num_heads, structure=unpadded),
+        (params, x),
+    )  # fmt: skip
     return {name: _guarded(_compare, run, expected, args) for name, (run, expected, args) in cases.items()}
 
 

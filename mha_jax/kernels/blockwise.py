@@ -27,6 +27,7 @@ q blocks `[nq, Hkv, G, Bq, Dh]`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -37,7 +38,7 @@ from jax import Array
 
 from mha_jax import _checks, alibi, score_mod
 from mha_jax.kernels.request import Request, fused_limits
-from mha_jax.masks import Structure, check_structure
+from mha_jax.masks import Structure, check_structure, mask_mod_grid
 from mha_jax.options import Options
 from mha_jax.stages import fold_scale, soft_cap
 
@@ -112,6 +113,7 @@ def blockwise_attention(
     length_q, length_k = q.shape[0], k.shape[0]
     if length_q == 0 or length_k == 0:  # no query, or nothing to attend to: zeros
         return jnp.zeros_like(q)
+    given = structure
     config, structure = _setup(q, k, structure, options, block_sizes)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, length_q, length_k))
@@ -125,7 +127,9 @@ def blockwise_attention(
         if consts and axes:
             score_mod.refuse_learning_on_a_mesh(config.score_mod, axes)
         config, consts = config._replace(score_mod=converted, score_mod_axes=axes), tuple(consts)
-    return _flash(q, k, v, mask, bias, structure, sinks, consts, config)
+    # The mask function's tiles, from the positions as given (known at trace time if they are).
+    table = mask_mod_blocks(given, q.shape[1], config, q)
+    return _flash(q, k, v, mask, bias, structure, sinks, consts, table, config)
 
 
 def _setup(q, k, structure: Structure, options: Options, block_sizes):
@@ -259,14 +263,68 @@ def _three_segments(step, lo, flo, fhi, hi, carry):
     return jax.lax.fori_loop(fhi, hi, functools.partial(step, masked=True), carry)
 
 
-def _block_mask(i, j, mask, structure: Structure, config: Config, k_start=None):
+def _block_mask(i, j, mask, structure: Structure, config: Config, k_start=None, num_heads=None):
     """Visibility inside block (i, j): `[H or 1, Bq, Bk]` bool (keys from `k_start`, default j·Bk)."""
     q_pos = i * config.block_q + jnp.arange(config.block_q, dtype=jnp.int32)
     k_start = j * config.block_k if k_start is None else k_start
     k_pos = k_start + jnp.arange(config.block_k, dtype=jnp.int32)
-    allowed = structure.allows(q_pos, k_pos)[None]
+    heads = structure.head_offset + jnp.arange(num_heads or 1, dtype=jnp.int32)
+    allowed = structure.allows_per_head(q_pos, k_pos, heads)  # [H or 1, Bq, Bk]
     block = _slice_block(mask, i, j, config)
     return allowed if block is None else allowed & block
+
+
+# The block table of a mask function: per (query block, key block) tile, whether it allows
+# no entry, some, or every one (FlexAttention's BlockMask, Splash's MaskInfo). The loops skip
+# empty tiles, and treat full ones as the other rules say.
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def mask_mod_blocks(structure: Structure, num_heads: int, config: Config, like=None) -> Array | None:
+    """`[nq, nk]` int32 states of the tiles under `structure.mask_mod` (None without one), one
+    block row at a time (`[H, Bq, Lk]` at once, not `[H, Lq, Lk]`). Computed at trace time
+    when the mask and the positions are known then (a NumPy constant), else on device.
+
+    None inside `jax.shard_map` too (`like`, or the positions, vary over mesh axes): a table
+    varying by device does not pass shard_map's checks in the loops yet, so there every tile
+    the other rules allow runs masked, the mask function deciding each entry."""
+    if structure.mask_mod is None:
+        return None
+    if score_mod.varying_axes(like, structure.q_offset, structure.k_offset, structure.head_offset):
+        return None
+    nq, nk = _ceil_div(config.length_q, config.block_q), _ceil_div(config.length_k, config.block_k)
+    # Positions known now (no traced leaf): evaluate now. (A mask closing over traced data
+    # still gives a traced table; on a mesh the positions are traced: on device.)
+    offsets = (structure.q_offset, structure.k_offset, structure.head_offset)
+    known = not any(isinstance(offset, jax.core.Tracer) for offset in offsets)
+    with jax.ensure_compile_time_eval() if known else contextlib.nullcontext():
+        heads = structure.head_offset + jnp.arange(num_heads, dtype=jnp.int32)
+        k_pos = jnp.arange(nk * config.block_k, dtype=jnp.int32) + structure.k_offset
+
+        def row(i):  # [nk]
+            q_pos = i * config.block_q + jnp.arange(config.block_q, dtype=jnp.int32) + structure.q_offset
+            grid = mask_mod_grid(structure.mask_mod, heads, q_pos, k_pos)  # [H, Bq, nk·Bk]
+            tiles = grid.reshape(num_heads, config.block_q, nk, config.block_k).transpose(2, 0, 1, 3)
+            tiles = tiles.reshape(nk, -1)
+            return jnp.where(tiles.all(axis=1), FULL, jnp.where(tiles.any(axis=1), PARTIAL, EMPTY))
+
+        return jax.lax.map(row, jnp.arange(nq, dtype=jnp.int32)).astype(jnp.int32)
+
+
+def _gated(step, states):
+    """`step(j, carry, masked)` run as tile j's state says (`states` [n], None: always)."""
+    if states is None:
+        return step
+
+    def gated(j, carry, masked):
+        branches = [
+            lambda j, c: c,  # EMPTY: skipped
+            lambda j, c: step(j, c, masked=True),  # PARTIAL: the mask function decides entries
+            lambda j, c: step(j, c, masked=masked),  # FULL: the other rules decide
+        ]
+        return jax.lax.switch(states[j], branches, j, carry)  # (j an operand: see shard_map's checks)
+
+    return gated
 
 
 def _zero_unseen(visible, k_blk, v_blk):
@@ -357,7 +415,7 @@ def _key_blocks(k, v, config: Config, in_place: bool):
     return kv
 
 
-def _forward(q, k, v, mask, bias, structure: Structure, sinks, consts, config: Config):
+def _forward(q, k, v, mask, bias, structure: Structure, sinks, consts, table, config: Config):
     num_kv_heads = k.shape[1]
     q, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
@@ -366,7 +424,10 @@ def _forward(q, k, v, mask, bias, structure: Structure, sinks, consts, config: C
     mask = None if mask is None else _row_blocks(mask, config)
     bias = None if bias is None else _row_blocks(bias, config)
     hkv, g, bq, dh = q_blocks.shape[1:]
-    slopes = _slopes(q.shape[1], structure, config)
+    num_heads = q.shape[1]
+    slopes = _slopes(num_heads, structure, config)
+    table = mask_mod_blocks(structure, num_heads, config, q) if table is None else table
+    unmodded = structure if table is None else structure.replace(mask_mod=None)  # ranges: see _gated
 
     def one_q_block(i):
         q_blk = q_blocks[i]
@@ -375,7 +436,7 @@ def _forward(q, k, v, mask, bias, structure: Structure, sinks, consts, config: C
             m, row_sum, acc = carry  # [H, Bq], [H, Bq], [Hkv, G, Bq, Dh]
             k_blk, v_blk, start = kv(j)
             if masked:
-                visible = _block_mask(i, j, mask, structure, config, start)  # [H or 1, Bq, Bk]
+                visible = _block_mask(i, j, mask, structure, config, start, num_heads)  # [H or 1, Bq, Bk]
                 if in_place:  # a last block moved back: its first keys belong to block j-1
                     visible &= start + jnp.arange(config.block_k, dtype=jnp.int32) >= j * config.block_k
                 k_blk, v_blk = _zero_unseen(visible, k_blk, v_blk)
@@ -396,7 +457,9 @@ def _forward(q, k, v, mask, bias, structure: Structure, sinks, consts, config: C
             acc = acc * _grouped(alpha, hkv)[..., None] + pv
             return m_new, row_sum * alpha + p.sum(axis=-1), acc
 
-        lo, flo, fhi, hi = _kv_blocks_of(i, structure, mask is not None, config)
+        # The other rules' ranges; the mask function's own tiles gate each step.
+        lo, flo, fhi, hi = _kv_blocks_of(i, unmodded, mask is not None, config)
+        step = _gated(step, None if table is None else table[i])
         # Carries are built *_like an input so that they vary over the same mesh
         # axes inside `shard_map` (a fresh jnp.zeros would not, and the loop fails).
         acc = jnp.zeros_like(q_blk, _accumulator(q_blk.dtype))  # [Hkv, G, Bq, Dh]
@@ -422,7 +485,7 @@ def _forward(q, k, v, mask, bias, structure: Structure, sinks, consts, config: C
 
 
 def _backward(config: Config, residuals, d_out):
-    q, k, v, mask, bias, structure, sinks, consts, out, lse_blocks = residuals
+    q, k, v, mask, bias, structure, sinks, consts, table, out, lse_blocks = residuals
     num_kv_heads = k.shape[1]
     q_scaled, post_scale = fold_scale(q, config.scale)
     q_blocks = _q_blocks(q_scaled, num_kv_heads, config)  # [nq, Hkv, G, Bq, Dh]
@@ -432,7 +495,10 @@ def _backward(config: Config, residuals, d_out):
     bias_b = None if bias is None else _row_blocks(bias, config)
     hkv = num_kv_heads
     acc = _accumulator(q.dtype)
-    slopes = _slopes(q.shape[1], structure, config)
+    num_heads = q.shape[1]
+    slopes = _slopes(num_heads, structure, config)
+    table = mask_mod_blocks(structure, num_heads, config, q) if table is None else table
+    unmodded = structure if table is None else structure.replace(mask_mod=None)  # ranges: see _gated
     # delta_i = rowsum(dO_i * O_i): the softmax Jacobian's correction term.
     delta_blocks = jnp.einsum(
         "nhgqd,nhgqd->nhgq",
@@ -448,7 +514,9 @@ def _backward(config: Config, residuals, d_out):
             dk, dv, dq_all, dbias_all, d_consts = inner
             q_blk, do_blk = q_blocks[i], do_blocks[i]
             if masked:
-                visible = _block_mask(i, j, mask_b, structure, config)  # [H or 1, Bq, Bk]
+                visible = _block_mask(
+                    i, j, mask_b, structure, config, num_heads=num_heads
+                )  # [H or 1, Bq, Bk]
                 k_blk, v_blk = _zero_unseen(visible, k_blk, v_blk)
             capped = _scores(q_blk, k_blk, post_scale, config.softcap)
             s = _alibi(capped, slopes, i, j * config.block_k, structure, config)  # its derivative: 1
@@ -482,7 +550,8 @@ def _backward(config: Config, residuals, d_out):
                 dbias_all = jax.lax.dynamic_update_slice(dbias_all, old + ds_h, start)
             return dk, dv, dq_all, dbias_all, d_consts
 
-        lo, flo, fhi, hi = _q_blocks_of(j, structure, mask_b is not None, config)
+        lo, flo, fhi, hi = _q_blocks_of(j, unmodded, mask_b is not None, config)
+        step = _gated(step, None if table is None else table[:, j])
         zeros = jnp.zeros_like(k_blk, acc)  # *_like: see the forward's carries
         inner = (zeros, zeros, dq_all, dbias_all, d_consts)
         dk, dv, dq_all, dbias_all, d_consts = _three_segments(step, lo, flo, fhi, hi, inner)
@@ -506,7 +575,7 @@ def _backward(config: Config, residuals, d_out):
         p_sink = jnp.exp(sinks.astype(acc)[None, :, None] - lse_blocks)  # [nq, H, Bq]
         d_sinks = -jnp.sum(p_sink * delta_blocks, axis=(0, 2)).astype(sinks.dtype)  # [H]
         d_sinks = sum_like(d_sinks, sinks)
-    return dq, dk, dv, None, dbias, None, d_sinks, d_consts
+    return dq, dk, dv, None, dbias, None, d_sinks, d_consts, None
 
 
 def sum_like(cotangent: Array, primal: Array) -> Array:
@@ -535,16 +604,16 @@ def _one_example_at_a_time(fn, config: Config):
     return jax.custom_batching.sequential_vmap(fn)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _flash(q, k, v, mask, bias, structure, sinks, consts, config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _flash(q, k, v, mask, bias, structure, sinks, consts, table, config):
     forward = _one_example_at_a_time(functools.partial(_forward, config=config), config)
-    return forward(q, k, v, mask, bias, structure, sinks, consts)[0]
+    return forward(q, k, v, mask, bias, structure, sinks, consts, table)[0]
 
 
-def _flash_fwd(q, k, v, mask, bias, structure, sinks, consts, config):
+def _flash_fwd(q, k, v, mask, bias, structure, sinks, consts, table, config):
     forward = _one_example_at_a_time(functools.partial(_forward, config=config), config)
-    out, lse = forward(q, k, v, mask, bias, structure, sinks, consts)
-    return out, (q, k, v, mask, bias, structure, sinks, consts, out, lse)
+    out, lse = forward(q, k, v, mask, bias, structure, sinks, consts, table)
+    return out, (q, k, v, mask, bias, structure, sinks, consts, table, out, lse)
 
 
 def _flash_bwd(config, residuals, d_out):
@@ -579,7 +648,7 @@ def attention_with_lse(
     `out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)`. No VJP: a caller that
     differentiates defines one with `attention_backward_with_lse`."""
     config, structure = _setup(q, k, structure, options or Options(), block_sizes)
-    out, lse_blocks = _forward(q, k, v, None, None, structure, None, (), config)
+    out, lse_blocks = _forward(q, k, v, None, None, structure, None, (), None, config)
     nq, num_heads, block_q = lse_blocks.shape
     lse = lse_blocks.transpose(0, 2, 1).reshape(nq * block_q, num_heads)[: config.length_q]  # [Lq, H]
     # The kernel marks a row that saw nothing with +inf (its recomputed probabilities
@@ -608,7 +677,7 @@ def attention_backward_with_lse(
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # back to the kernel's mark for "saw nothing"
     lse_blocks = _pad_axis(lse, 0, nq * config.block_q, jnp.inf)
     lse_blocks = lse_blocks.reshape(nq, config.block_q, -1).transpose(0, 2, 1)  # [nq, H, Bq]
-    residuals = (q, k, v, None, None, structure, None, (), out, lse_blocks)
+    residuals = (q, k, v, None, None, structure, None, (), None, out, lse_blocks)
     dq, dk, dv, *_ = _backward(config, residuals, d_out)
     return dq, dk, dv
 

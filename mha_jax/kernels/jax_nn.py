@@ -39,8 +39,10 @@ def xla_run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
     if bias is not None:
         finite = bias > -jnp.inf
         dense, bias = masks.combine(dense, finite), jnp.where(finite, bias, 0.0)
-    if not structure.is_trivial:
-        dense = masks.combine(dense, structure.allows(jnp.arange(length_q), jnp.arange(length_k)))
+    if not structure.is_trivial:  # [H or 1, Lq, Lk]: a mask function may differ by head
+        heads = structure.head_offset + jnp.arange(q.shape[1])
+        rules = structure.allows_per_head(jnp.arange(length_q), jnp.arange(length_k), heads)
+        dense = masks.combine(dense, rules if structure.mask_mod is not None else rules[0])
     heads = _dot_product_attention(
         q, k, v, bias=bias, mask=dense, scale=_scale(q, options), implementation="xla"
     )

@@ -35,8 +35,11 @@ def run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
     """`[Lq, H, Dh], [Lk, Hkv, Dh] x2 -> (heads [Lq, H, Dh], weights [H, Lq, Lk])`."""
     length_q, length_k = q.shape[0], k.shape[0]
     if not structure.is_trivial:
-        rules = structure.allows(jnp.arange(length_q), jnp.arange(length_k))  # [Lq, Lk]
-        mask = masks.combine(mask, rules)
+        heads = structure.head_offset + jnp.arange(q.shape[1])  # the layer's numbers (mask_mod)
+        rules = structure.allows_per_head(
+            jnp.arange(length_q), jnp.arange(length_k), heads
+        )  # [H or 1, Lq, Lk]
+        mask = masks.combine(mask, rules if structure.mask_mod is not None else rules[0])
     scores = soft_cap(attention_scores(q, k, options.scale), options.softcap)  # [H, Lq, Lk] float32
     # ALiBi and a score function read the rules' positions and the layer's head numbers.
     q_pos, k_pos = jnp.arange(length_q) + structure.q_offset, jnp.arange(length_k) + structure.k_offset

@@ -101,5 +101,9 @@ def rule_limits(request: Request) -> list[str]:
     """For the library kernels, which take none of these rules (a dense form of them would be
     O(L²), which is what they exist to avoid): packed segment ids, chunks, a prefix."""
     structure = request.structure
-    given = [name for name in ("segment_ids", "chunk", "prefix") if getattr(structure, name) is not None]
+    given = [
+        name
+        for name in ("segment_ids", "chunk", "prefix", "mask_mod")
+        if getattr(structure, name) is not None
+    ]
     return [f"take {', '.join(given)} (use the blockwise kernel)"] if given else []

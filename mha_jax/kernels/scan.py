@@ -54,6 +54,8 @@ def cannot(request: Request) -> list[str]:
         reasons.append("take a dense mask or bias (it reads the rules only)")
     if request.structure.segment_ids is not None:
         reasons.append("take segment ids (use the blockwise kernel)")
+    if request.structure.mask_mod is not None:
+        reasons.append("take a mask_mod (use the blockwise kernel)")
     return reasons
 
 

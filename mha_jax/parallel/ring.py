@@ -117,8 +117,9 @@ def _settle(q, k, v, axis_name, structure, options, layout, block_sizes):
 
 
 # Rules on positions that a striped chunk pair cannot keep: their visible keys are a band of
-# positions, which striped rows scatter over every chunk. A new rule of that kind joins here.
-BAND_RULES = ("window", "chunk", "prefix")
+# positions, which striped rows scatter over every chunk (and a mask function reads positions,
+# which the striped offsets do not give). A new rule of that kind joins here.
+BAND_RULES = ("window", "chunk", "prefix", "mask_mod")
 
 
 def refuse_bands(structure: Structure, *, name: str = "") -> None:
