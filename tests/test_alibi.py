@@ -25,6 +25,7 @@ import mha_jax as mj
 from mha_jax import alibi, kernels
 from mha_jax.decoding import cached_attention, init_cache
 from mha_jax.masks import Structure
+from tests.problems import draw_problem
 from tests.reference import attention_np, core_np
 
 
@@ -49,25 +50,7 @@ def test_slopes_follow_the_definition_and_bloom(num_heads):
 
 @st.composite
 def problems(draw):
-    length_q, length_k = draw(st.integers(1, 24)), draw(st.integers(1, 24))
-    num_kv_heads = draw(st.sampled_from([1, 2]))
-    num_heads = num_kv_heads * draw(st.sampled_from([1, 3]))
-    rules = dict(
-        is_causal=draw(st.booleans()),
-        q_offset=draw(st.integers(0, 8)),
-        kv_length=draw(st.none() | st.integers(1, length_k)),
-        window=draw(st.none() | st.tuples(st.integers(0, 5), st.integers(0, 5))),
-    )
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    q, k, v = (
-        rng.standard_normal((length, heads, 8)).astype(np.float32)
-        for length, heads in ((length_q, num_heads), (length_k, num_kv_heads), (length_k, num_kv_heads))
-    )
-    softcap = draw(st.none() | st.just(2.0))
-    sinks = rng.standard_normal(num_heads).astype(np.float32) if draw(st.booleans()) else None
-    blocks = (draw(st.sampled_from([4, 8])), draw(st.sampled_from([4, 8])))
-    return dict(q=q, k=k, v=v, rules=rules, softcap=softcap, sinks=sinks, blocks=blocks,
-                cotangent=rng.standard_normal(q.shape).astype(np.float32))  # fmt: skip
+    return draw_problem(draw, groups=(1, 3))
 
 
 @settings(max_examples=8, deadline=None)

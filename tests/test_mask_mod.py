@@ -18,6 +18,7 @@ import mha_jax as mj
 from mha_jax import kernels
 from mha_jax.kernels import blockwise
 from mha_jax.masks import Structure
+from tests.problems import draw_problem
 from tests.reference import attention_np, core_np
 
 DOCUMENTS = np.repeat(np.arange(8), [3, 9, 1, 6, 12, 2, 7, 40])  # ids of positions 0 ... 79
@@ -37,25 +38,7 @@ def rule(kind):
 
 @st.composite
 def problems(draw):
-    length_q, length_k = draw(st.integers(1, 24)), draw(st.integers(1, 24))
-    num_kv_heads = draw(st.sampled_from([1, 2]))
-    num_heads = num_kv_heads * draw(st.sampled_from([1, 2]))
-    rules = dict(
-        is_causal=draw(st.booleans()),
-        q_offset=draw(st.integers(0, 8)),
-        kv_length=draw(st.none() | st.integers(1, length_k)),
-        window=draw(st.none() | st.tuples(st.integers(0, 6), st.integers(0, 6))),
-    )
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    shapes = ((length_q, num_heads), (length_k, num_kv_heads), (length_k, num_kv_heads))
-    q, k, v = (rng.standard_normal((length, heads, 8)).astype(np.float32) for length, heads in shapes)
-    return dict(
-        q=q, k=k, v=v, rules=rules, kind=draw(st.sampled_from(["documents", "per head", "scattered"])),
-        softcap=draw(st.none() | st.just(3.0)),
-        sinks=rng.standard_normal(num_heads).astype(np.float32) if draw(st.booleans()) else None,
-        blocks=(draw(st.sampled_from([4, 8])), draw(st.sampled_from([4, 8]))),
-        cotangent=rng.standard_normal(q.shape).astype(np.float32),
-    )  # fmt: skip
+    return draw_problem(draw) | dict(kind=draw(st.sampled_from(["documents", "per head", "scattered"])))
 
 
 def run(p, name, q, k, v):

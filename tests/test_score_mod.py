@@ -21,6 +21,7 @@ import mha_jax as mj
 from mha_jax import alibi, kernels
 from mha_jax.decoding import cached_attention, init_cache
 from mha_jax.masks import Structure
+from tests.problems import draw_problem
 from tests.reference import core_np
 
 WIDTH = 4  # the table's relative distances: -4 ... 4 (clipped)
@@ -45,26 +46,9 @@ def curved_np(s, h, q, k):
 
 @st.composite
 def problems(draw):
-    length_q, length_k = draw(st.integers(1, 20)), draw(st.integers(1, 20))
-    num_kv_heads = draw(st.sampled_from([1, 2]))
-    num_heads = num_kv_heads * draw(st.sampled_from([1, 2]))
-    rules = dict(
-        is_causal=draw(st.booleans()),
-        q_offset=draw(st.integers(0, 6)),
-        kv_length=draw(st.none() | st.integers(1, length_k)),
-        window=draw(st.none() | st.tuples(st.integers(0, 5), st.integers(0, 5))),
-    )
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    shapes = ((length_q, num_heads), (length_k, num_kv_heads), (length_k, num_kv_heads))
-    q, k, v = (rng.standard_normal((length, heads, 8)).astype(np.float32) for length, heads in shapes)
-    return dict(
-        q=q, k=k, v=v, rules=rules, kind=draw(st.sampled_from(["table", "curved"])),
-        table=rng.standard_normal((num_heads, 2 * WIDTH + 1)).astype(np.float32),
-        softcap=draw(st.none() | st.just(3.0)), alibi=draw(st.booleans()),
-        sinks=rng.standard_normal(num_heads).astype(np.float32) if draw(st.booleans()) else None,
-        blocks=(draw(st.sampled_from([4, 8])), draw(st.sampled_from([4, 8]))),
-        cotangent=rng.standard_normal(q.shape).astype(np.float32),
-    )  # fmt: skip
+    p = draw_problem(draw, max_length=20)
+    table = p["rng"].standard_normal((p["q"].shape[1], 2 * WIDTH + 1)).astype(np.float32)
+    return p | dict(kind=draw(st.sampled_from(["table", "curved"])), table=table, alibi=draw(st.booleans()))
 
 
 def spec(p, q=None, table=None):

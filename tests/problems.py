@@ -1,0 +1,32 @@
+"""The hypothesis draw the score-option tests share: shapes, GQA, the position rules, q, k, v.
+
+`draw_problem(draw)` gives a dict with q `[Lq, H, Dh]`, k and v `[Lk, Hkv, Dh]` (float32
+NumPy), `rules` (keywords of `Structure` and of the spec's `core_np`), a soft-cap or None,
+sinks or None, block sizes for the blockwise kernel, a cotangent like q, and the `rng` it
+drew them from (for the caller's own arrays).
+"""
+
+import numpy as np
+from hypothesis import strategies as st
+
+
+def draw_problem(draw, *, max_length=24, groups=(1, 2)):
+    length_q, length_k = draw(st.integers(1, max_length)), draw(st.integers(1, max_length))
+    num_kv_heads = draw(st.sampled_from([1, 2]))
+    num_heads = num_kv_heads * draw(st.sampled_from(groups))
+    rules = dict(
+        is_causal=draw(st.booleans()),
+        q_offset=draw(st.integers(0, 8)),
+        kv_length=draw(st.none() | st.integers(1, length_k)),
+        window=draw(st.none() | st.tuples(st.integers(0, 6), st.integers(0, 6))),
+    )
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    shapes = ((length_q, num_heads), (length_k, num_kv_heads), (length_k, num_kv_heads))
+    q, k, v = (rng.standard_normal((length, heads, 8)).astype(np.float32) for length, heads in shapes)
+    return dict(
+        q=q, k=k, v=v, rules=rules, rng=rng,
+        softcap=draw(st.none() | st.just(3.0)),
+        sinks=rng.standard_normal(num_heads).astype(np.float32) if draw(st.booleans()) else None,
+        blocks=(draw(st.sampled_from([4, 8])), draw(st.sampled_from([4, 8]))),
+        cotangent=rng.standard_normal(q.shape).astype(np.float32),
+    )  # fmt: skip
