@@ -5,7 +5,7 @@
     python scripts/bench.py --memory        # peak RSS vs L, one fresh process per point
     python scripts/bench.py --train-step    # train steps/s of train_toy.py's model, vs flax.nnx
     python scripts/bench.py --mesh          # context parallelism on 8 host devices (L=32768, ~3 min)
-    python scripts/bench.py --packed        # 8 packed documents of 512: segment ids, 8 calls, a dense mask
+    python scripts/bench.py --packed        # 8 packed documents of 512: segment ids, mask_mod, 8 calls, dense
     python scripts/bench.py --baseline REV  # also time the library as it was at git revision REV
 
 Time mode: every candidate is compiled and warmed up, then timed in rounds,
@@ -387,8 +387,25 @@ def packed_candidates(backward: bool) -> dict:
     def dense_mask(params, x, mask):
         return mha_jax.batched_attention(params, x, num_heads=NUM_HEADS, mask=mask)
 
+    # The same documents as a mask function (FlexAttention's way; its block table skips the
+    # tiles across documents), and a score function reading a relative-position table.
+    doc_of = ids[0]
+    by_function = mha_jax.Structure(is_causal=True, mask_mod=lambda h, q, k: doc_of[q] == doc_of[k])
+    table = 0.1 * jax.random.normal(jax.random.PRNGKey(2), (NUM_HEADS, 129))
+    relative = mha_jax.Options(score_mod=lambda s, h, q, k: s + table[h, jnp.clip(q - k, -64, 64) + 64])
+
+    def mask_function(params, x, _):
+        return mha_jax.batched_attention(params, x, num_heads=NUM_HEADS, structure=by_function)
+
+    def score_function(params, x, _):
+        return mha_jax.batched_attention(
+            params, x, num_heads=NUM_HEADS, structure=structure, options=relative
+        )
+
     made = {
         "segment ids (1 row of 8x512)": _with_arguments(segment_ids, params, backward),
+        "mask_mod documents (1 row)": _with_arguments(mask_function, params, backward),
+        "segment ids + score_mod table": _with_arguments(score_function, params, backward),
         "separate calls (8 x 512)": _with_arguments(separate, params, backward),
         "dense mask (1 row, [L, L] bool)": _with_arguments(dense_mask, params, backward, dense),
     }
