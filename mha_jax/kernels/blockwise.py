@@ -510,8 +510,9 @@ def _backward(config: Config, residuals, d_out):
         dq_all, dbias_all, d_consts = carry  # [nq, Hkv, G, Bq, Dh] f32, [Hb, Lq', Lk'] f32 or None, ...
         k_blk, v_blk = k_blocks[j], v_blocks[j]
 
-        def step(i, inner, masked, k_blk=k_blk, v_blk=v_blk):
-            dk, dv, dq_all, dbias_all, d_consts = inner
+        def tile(i, small, masked, k_blk=k_blk, v_blk=v_blk):
+            """Tile (i, j): `(dk, dv, d_consts)` updated, and this tile's `dq` and `d bias`."""
+            dk, dv, d_consts = small
             q_blk, do_blk = q_blocks[i], do_blocks[i]
             if masked:
                 visible = _block_mask(
@@ -541,17 +542,41 @@ def _backward(config: Config, residuals, d_out):
             # q_blk carries the scale when it was folded in; else scale dk below.
             dk = dk + jnp.einsum("hgqk,hgqd->hkd", d_raw.astype(q.dtype), q_blk, preferred_element_type=acc)
             dq_blk = jnp.einsum("hgqk,hkd->hgqd", d_raw.astype(k.dtype), k_blk, preferred_element_type=acc)
+            ds_h = None
+            if bias_b is not None:
+                ds_h = ds.reshape(-1, config.block_q, config.block_k)
+                ds_h = ds_h if bias_b.shape[0] > 1 else ds_h.sum(0, keepdims=True)
+            return (dk, dv, d_consts), dq_blk, ds_h
+
+        states = None if table is None else table[:, j]
+
+        def step(i, inner, masked):
+            dk, dv, dq_all, dbias_all, d_consts = inner
+            small = (dk, dv, d_consts)
+            if states is None:
+                small, dq_blk, ds_h = tile(i, small, masked)
+            else:  # the mask function's tile state; the big accumulators stay out of the switch
+
+                def empty(i, small):
+                    shape = (bias_b.shape[0], config.block_q, config.block_k) if bias_b is not None else None
+                    zero_bias = None if shape is None else jnp.zeros(shape, acc)
+                    return small, jnp.zeros_like(q_blocks[0], acc), zero_bias
+
+                branches = [
+                    empty,
+                    lambda i, small: tile(i, small, True),
+                    lambda i, small: tile(i, small, masked),
+                ]
+                small, dq_blk, ds_h = jax.lax.switch(states[i], branches, i, small)
+            dk, dv, d_consts = small
             dq_all = dq_all.at[i].add(dq_blk)
             if dbias_all is not None:
-                ds_h = ds.reshape(-1, config.block_q, config.block_k)
-                ds_h = ds_h if dbias_all.shape[0] > 1 else ds_h.sum(0, keepdims=True)
                 start = (jnp.int32(0), i * config.block_q, j * config.block_k)
                 old = jax.lax.dynamic_slice(dbias_all, start, ds_h.shape)
                 dbias_all = jax.lax.dynamic_update_slice(dbias_all, old + ds_h, start)
             return dk, dv, dq_all, dbias_all, d_consts
 
         lo, flo, fhi, hi = _q_blocks_of(j, unmodded, mask_b is not None, config)
-        step = _gated(step, None if table is None else table[:, j])
         zeros = jnp.zeros_like(k_blk, acc)  # *_like: see the forward's carries
         inner = (zeros, zeros, dq_all, dbias_all, d_consts)
         dk, dv, dq_all, dbias_all, d_consts = _three_segments(step, lo, flo, fhi, hi, inner)
