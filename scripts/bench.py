@@ -6,6 +6,7 @@
     python scripts/bench.py --train-step    # train steps/s of train_toy.py's model, vs flax.nnx
     python scripts/bench.py --mesh          # context parallelism on 8 host devices (L=32768, ~3 min)
     python scripts/bench.py --packed        # 8 packed documents of 512: segment ids, mask_mod, 8 calls, dense
+    python scripts/bench.py --flex          # L=4096: mask_mod / score_mod vs the built-in window / ALiBi
     python scripts/bench.py --baseline REV  # also time the library as it was at git revision REV
 
 Time mode: every candidate is compiled and warmed up, then timed in rounds,
@@ -25,6 +26,10 @@ L=512 sequences (the work it should cost) and against the same mask given densel
 `[1, L, L]` bool (what a user without segment ids writes; the blockwise kernel cannot skip
 it). Interleaved rounds, medians, ratios to the separate calls.
 
+Flex mode: at L=4096, a sliding window of 512 built in, as a `mask_mod` and as a dense mask,
+and ALiBi built in and as a `score_mod`, forward and forward+backward, after checking that each
+rewrite gives the built-in's numbers; ratios to the built-in of each group.
+
 Baseline (`--baseline REV`, any mode but memory): the package as committed at REV is copied
 under another name (`mha_jax_baseline`) and timed beside today's in the same rounds, so a
 "no slowdown" claim is one interleaved run, not two runs on a noisy machine.
@@ -41,6 +46,7 @@ under --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -422,27 +428,38 @@ def packed_candidates(backward: bool) -> dict:
     return made
 
 
-def run_packed_mode(rounds: int, out_dir: Path) -> dict:
-    rate = matmul_rate()
-    load = os.getloadavg()[0]
+def interleaved(made: dict, x, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each candidate on `x`: compiled and warmed, then `rounds` rounds,
+    each running every candidate once in a shuffled order."""
+    for f in made.values():
+        block(f(x))
+        block(f(x))
+    times = {name: [] for name in made}
+    order, shuffle = list(made), random.Random(0)
+    for _ in range(rounds):
+        shuffle.shuffle(order)
+        for name in order:
+            begin = time.perf_counter()
+            block(made[name](x))
+            times[name].append(time.perf_counter() - begin)
+    return times
+
+
+def machine_line() -> tuple[float, float]:
+    """The matmul rate and load average, printed (a load above the cores is flagged)."""
+    rate, load = matmul_rate(), os.getloadavg()[0]
     busy = " (busier than the cores: treat the times with care)" if load > (os.cpu_count() or 1) else ""
     print(f"large jnp.dot: {rate / 1e9:.1f} GFLOP/s; load average {load:.1f} on {os.cpu_count()} cores{busy}")
+    return rate, load
+
+
+def run_packed_mode(rounds: int, out_dir: Path) -> dict:
+    rate, load = machine_line()
     x = jax.random.normal(jax.random.PRNGKey(1), (1, DOCUMENTS * DOCUMENT_LENGTH, D_MODEL))
     results = {"matmul_gflops": rate / 1e9, "load": load, "cases": []}
     lines = []
     for mode in ("fwd", "fwd+bwd"):
-        made = packed_candidates(mode == "fwd+bwd")
-        for f in made.values():
-            block(f(x))
-            block(f(x))
-        times = {name: [] for name in made}
-        order, shuffle = list(made), random.Random(0)
-        for _ in range(rounds):
-            shuffle.shuffle(order)
-            for name in order:
-                begin = time.perf_counter()
-                block(made[name](x))
-                times[name].append(time.perf_counter() - begin)
+        times = interleaved(packed_candidates(mode == "fwd+bwd"), x, rounds)
         base = statistics.median(times["separate calls (8 x 512)"])
         useful = flops(DOCUMENTS, DOCUMENT_LENGTH, True, mode == "fwd+bwd")
         rows = {
@@ -461,6 +478,80 @@ def run_packed_mode(rounds: int, out_dir: Path) -> dict:
         print("\n".join(lines[-(len(rows) + 3) :]), flush=True)
     (out_dir / "bench_packed.json").write_text(json.dumps(results, indent=1))
     (out_dir / "bench_packed.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Flex mode: user score and mask functions against the built-ins they rewrite
+
+FLEX_LENGTH, FLEX_WINDOW = 4096, 512
+
+
+def flex_candidates(backward: bool) -> dict[str, dict]:
+    """Two groups over one causal row `[1, 4096, D]`, each led by its built-in: a sliding
+    window of 512 (built in; as a `mask_mod`, which carries the causal rule too; as a dense
+    `[L, L]` bool mask) and ALiBi (built in; as a `score_mod`)."""
+    import mha_jax
+    from mha_jax.alibi import slopes as alibi_slopes
+
+    params = mha_jax.init_params(jax.random.PRNGKey(0), D_MODEL, NUM_HEADS)
+    q, k = jnp.arange(FLEX_LENGTH)[:, None], jnp.arange(FLEX_LENGTH)[None]
+    dense = ((q >= k) & (q - k < FLEX_WINDOW))[None]  # [1, L, L]
+    window = mha_jax.Structure(is_causal=True, window=(FLEX_WINDOW - 1, 0))
+    by_function = mha_jax.Structure(mask_mod=lambda h, q, k: (q >= k) & (q - k < FLEX_WINDOW))
+    slopes = jnp.asarray(alibi_slopes(NUM_HEADS), jnp.float32)
+    alibi = mha_jax.Options(alibi=True)
+    alibi_function = mha_jax.Options(score_mod=lambda s, h, q, k: s + slopes[h] * (k - q))
+    call = functools.partial(mha_jax.batched_attention, num_heads=NUM_HEADS)
+    calls = {
+        "window": {
+            "built-in window=(511, 0)": lambda params, x, _: call(params, x, structure=window),
+            "mask_mod window": lambda params, x, _: call(params, x, structure=by_function),
+            "dense [L, L] bool mask": lambda params, x, mask: call(params, x, mask=mask),
+        },
+        "alibi": {
+            "built-in Options(alibi=True)": lambda params, x, _: call(
+                params, x, is_causal=True, options=alibi
+            ),
+            "score_mod ALiBi": lambda params, x, _: call(params, x, is_causal=True, options=alibi_function),
+        },
+    }
+    return {
+        group: {name: _with_arguments(f, params, backward, dense) for name, f in made.items()}
+        for group, made in calls.items()
+    }
+
+
+def run_flex_mode(rounds: int, out_dir: Path) -> dict:
+    rate, load = machine_line()
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, FLEX_LENGTH, D_MODEL))
+    for group in flex_candidates(False).values():  # the rewrites compute the built-ins' numbers
+        outs = [np.asarray(f(x)) for f in group.values()]
+        for out in outs[1:]:
+            np.testing.assert_allclose(out, outs[0], rtol=1e-4, atol=1e-4)
+    results = {"matmul_gflops": rate / 1e9, "load": load, "cases": []}
+    lines = []
+    for mode in ("fwd", "fwd+bwd"):
+        groups = flex_candidates(mode == "fwd+bwd")
+        made = {name: f for group in groups.values() for name, f in group.items()}
+        times = interleaved(made, x, rounds)
+        for group, members in groups.items():
+            base = statistics.median(times[next(iter(members))])
+            medians = {name: statistics.median(times[name]) for name in members}
+            rows = {
+                name: dict(median_ms=medians[name] * 1e3, min_ms=min(times[name]) * 1e3,
+                           max_ms=max(times[name]) * 1e3, ratio_to_built_in=medians[name] / base)
+                for name in members
+            }  # fmt: skip
+            results["cases"].append(dict(group=group, mode=mode, rounds=rounds, results=rows))
+            lines += [f"\nL={FLEX_LENGTH} {group}, {mode} ({rounds} rounds)",
+                      "| candidate | median ms (min-max) | vs the built-in |", "|---|---|---|"]  # fmt: skip
+            for name, r in rows.items():
+                lines.append(f"| {name} | {r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f}) | "
+                             f"{r['ratio_to_built_in']:.2f}x |")  # fmt: skip
+            print("\n".join(lines[-(len(rows) + 3) :]), flush=True)
+    (out_dir / "bench_flex.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "bench_flex.md").write_text("\n".join(lines) + "\n")
     return results
 
 
@@ -783,6 +874,9 @@ def main():
     )
     parser.add_argument("--packed", action="store_true", help="8 packed documents: segment ids vs 8 calls")
     parser.add_argument(
+        "--flex", action="store_true", help="L=4096: mask_mod and score_mod vs the built-in window and ALiBi"
+    )
+    parser.add_argument(
         "--baseline", metavar="REV", help="also time mha_jax as committed at git revision REV"
     )
     parser.add_argument("--rounds", type=int, help="timed rounds (default: 15; 7 in train-step mode)")
@@ -794,6 +888,10 @@ def main():
     if args.packed:
         args.out.mkdir(parents=True, exist_ok=True)
         run_packed_mode(args.rounds or 9, args.out)
+        return
+    if args.flex:
+        args.out.mkdir(parents=True, exist_ok=True)
+        run_flex_mode(args.rounds or 5, args.out)
         return
     if args.mesh:
         return mesh_mode(args.mesh, args.rounds or 1, args.out)
