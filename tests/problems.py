@@ -1,4 +1,5 @@
-"""The hypothesis draw the score-option tests share: shapes, GQA, the position rules, q, k, v.
+"""What the score-option tests share: the hypothesis draw of a problem (shapes, GQA, the
+position rules, q, k, v), and decoding checked against one uncached call.
 
 `draw_problem(draw)` gives a dict with q `[Lq, H, Dh]`, k and v `[Lk, Hkv, Dh]` (float32
 NumPy), `rules` (keywords of `Structure` and of the spec's `core_np`), a soft-cap or None,
@@ -6,8 +7,11 @@ sinks or None, block sizes for the blockwise kernel, a cotangent like q, and the
 drew them from (for the caller's own arrays).
 """
 
+import jax
 import numpy as np
 from hypothesis import strategies as st
+
+from mha_jax.decoding import cached_attention, init_cache
 
 
 def draw_problem(draw, *, max_length=24, groups=(1, 2)):
@@ -30,3 +34,18 @@ def draw_problem(draw, *, max_length=24, groups=(1, 2)):
         blocks=(draw(st.sampled_from([4, 8])), draw(st.sampled_from([4, 8]))),
         cotangent=rng.standard_normal(q.shape).astype(np.float32),
     )  # fmt: skip
+
+
+def assert_decoding_equals(full, params, x, *, num_heads, prompt=5, **settings):
+    """`cached_attention(..., **settings)` over `x [B, L, D]`, a prompt of `prompt` rows and
+    then one token a step, gives each step the rows `full [B, L, D_out]` (one uncached causal
+    call over the whole sequence) holds: the cache's positions reach the rule or function."""
+    batch, total = x.shape[:2]
+    head_dim = params.w_q.shape[1] // num_heads
+    cache = init_cache(batch, 16, params.w_k.shape[1] // head_dim, head_dim)
+    step = jax.jit(lambda x, cache: cached_attention(params, x, cache, num_heads=num_heads, **settings))
+    out, cache = step(x[:, :prompt], cache)
+    np.testing.assert_allclose(out, full[:, :prompt], atol=2e-5)
+    for t in range(prompt, total):
+        out, cache = step(x[:, t : t + 1], cache)
+        np.testing.assert_allclose(out[:, 0], full[:, t], atol=2e-5, err_msg=f"step at row {t}")

@@ -18,7 +18,7 @@ import mha_jax as mj
 from mha_jax import kernels
 from mha_jax.kernels import blockwise
 from mha_jax.masks import Structure
-from tests.problems import draw_problem
+from tests.problems import assert_decoding_equals, draw_problem
 from tests.reference import attention_np, core_np
 
 DOCUMENTS = np.repeat(np.arange(8), [3, 9, 1, 6, 12, 2, 7, 40])  # ids of positions 0 ... 79
@@ -123,3 +123,18 @@ def test_xla_takes_it_densely_and_the_fused_library_kernels_refuse_it_by_name():
         kernels.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=None, bias=None,
                        structure=Structure(mask_mod=fn), options=mj.Options(implementation="pallas"),
                        rng=None, return_weights=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("implementation", ["scan", "blockwise", "auto"])
+def test_cached_decoding_equals_one_uncached_call(implementation):
+    """`cached_attention(mask_mod=...)`: the function sees the cache's slots, a prompt of 5
+    then one token a step; per head and with closed-over per-position data."""
+    num_heads, d_model = 4, 16
+    params = mj.init_params(jax.random.PRNGKey(3), d_model, num_heads, num_kv_heads=2)
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 11, d_model))
+    ids = jnp.asarray(DOCUMENTS)
+    fn = lambda h, q, k: (ids[q] == ids[k]) | (q - k <= h)  # documents, and h + 1 keys back for head h
+    reference = mj.Options(implementation="reference")
+    full = mj.batched_attention(params, x, num_heads=num_heads, options=reference,
+                                structure=Structure(is_causal=True, mask_mod=fn))  # fmt: skip
+    assert_decoding_equals(full, params, x, num_heads=num_heads, mask_mod=fn, implementation=implementation)

@@ -19,9 +19,8 @@ from hypothesis import strategies as st
 
 import mha_jax as mj
 from mha_jax import alibi, kernels
-from mha_jax.decoding import cached_attention, init_cache
 from mha_jax.masks import Structure
-from tests.problems import draw_problem
+from tests.problems import assert_decoding_equals, draw_problem
 from tests.reference import core_np
 
 WIDTH = 4  # the table's relative distances: -4 ... 4 (clipped)
@@ -133,10 +132,4 @@ def test_cached_decoding_equals_one_uncached_call(implementation):
     full = mj.batched_attention(params, x, num_heads=num_heads, is_causal=True,
                                 options=mj.Options(score_mod=fn, implementation="reference"))  # fmt: skip
     options = mj.Options(score_mod=fn, implementation=implementation)
-    cache = init_cache(2, 16, 2, d_model // num_heads)
-    step = jax.jit(lambda x, cache: cached_attention(params, x, cache, num_heads=num_heads, options=options))
-    out, cache = step(x[:, :5], cache)
-    np.testing.assert_allclose(out, full[:, :5], atol=2e-5)
-    for t in range(5, total):
-        out, cache = step(x[:, t : t + 1], cache)
-        np.testing.assert_allclose(out[:, 0], full[:, t], atol=2e-5, err_msg=str(t))
+    assert_decoding_equals(full, params, x, num_heads=num_heads, options=options)

@@ -45,6 +45,8 @@ What a step trusts, and what it does with values it cannot check:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import Array
@@ -68,6 +70,7 @@ def cached_attention(
     window: int | tuple[int, int] | None = None,
     chunk: int | None = None,
     prefix: int | ArrayLike | None = None,
+    mask_mod: Callable | None = None,
     scale: float | None = None,
     dtype: DTypeLike | None = None,
     implementation: str = "auto",
@@ -81,10 +84,12 @@ def cached_attention(
     window:    sliding window; keys more than `left` slots back are hidden.
     chunk:     a query sees only the keys of its own block of `chunk` positions (Llama 4).
     prefix:    int or [B]: keys before it are visible to every query (prefix-LM).
+    mask_mod:  `fn(head, q_idx, kv_idx) -> bool`, a mask function (`Structure.mask_mod`) at the
+               cache's slots: query t of example b is slot `cache.length[b] + t`.
     scale, dtype, implementation: the settings, or `options=Options(...)` (its
     rope, softcap and qk_norm_eps apply; dropout does not: decoding is deterministic).
     """
-    rules = Structure(is_causal=True, window=window, chunk=chunk, prefix=prefix)
+    rules = Structure(is_causal=True, window=window, chunk=chunk, prefix=prefix, mask_mod=mask_mod)
     structure, options = _validate.settle(
         rules, options, deterministic=True, is_causal=False, q_offset=0, kv_length=None, window=None,
         scale=scale, dropout_rate=0.0, dtype=dtype, implementation=implementation,

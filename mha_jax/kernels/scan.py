@@ -20,7 +20,8 @@ written for the memory traffic:
   max, sum and accumulator per (head, query); a row that sees no key gives zeros.
 - The rules are the batch's `Structure`, every array of it with a leading B; each block
   reads its example's own rules (`allows`), so every position rule (causal, kv_length,
-  window, chunk, prefix) works here as in the other kernels.
+  window, chunk, prefix) works here as in the other kernels; a mask function is called on
+  every entry of the blocks read (no block table: a decode step reads few rows).
 
 The numbers agree with the blockwise and reference kernels to float32 rounding
 (tests/test_decoding.py); `implementation="auto"` chooses it on CPU for a batch of at
@@ -54,8 +55,6 @@ def cannot(request: Request) -> list[str]:
         reasons.append("take a dense mask or bias (it reads the rules only)")
     if request.structure.segment_ids is not None:
         reasons.append("take segment ids (use the blockwise kernel)")
-    if request.structure.mask_mod is not None:
-        reasons.append("take a mask_mod (use the blockwise kernel)")
     return reasons
 
 
@@ -107,10 +106,11 @@ def scan_cache(
         k = jax.lax.dynamic_slice(k_cache, (b, start, 0, 0), (1, block, kv_heads, width)).astype(jnp.float32)
         v = jax.lax.dynamic_slice(v_cache, (b, start, 0, 0), (1, block, kv_heads, width)).astype(jnp.float32)
         k, v = k.reshape(block, kv_heads * width), v.reshape(block, kv_heads * width)  # [C, Hkv·Dh]
-        visible = example(b).allows(rows, keys) & (keys >= i * block)  # [T, C]
+        # [1 or H, T, C]: per head only with a mask function, called on every entry of the block
+        visible = example(b).allows_per_head(rows, keys, head_ids) & (keys >= i * block)
         # Hidden slots hold anything (unfilled, old values): zero them, as every kernel does
         # (the values for the output, the keys for the gradients; measured free here).
-        seen = visible.any(axis=0)[:, None]  # [C, 1]
+        seen = visible.any(axis=(0, 1))[:, None]  # [C, 1]
         k, v = jnp.where(seen, k, 0), jnp.where(seen, v, 0)  # [C, Hkv·Dh]
         scores = k @ q_blocks[b]  # [C, H·T]
         if options.softcap is not None:
@@ -128,7 +128,7 @@ def scan_cache(
                 options.score_mod, grid, head_ids, rows + rules.q_offset, keys + rules.k_offset
             )
             scores = grid.transpose(2, 0, 1).reshape(scores.shape)
-        seen = jnp.broadcast_to(visible.T[:, None], (block, heads, new)).reshape(scores.shape)
+        seen = jnp.broadcast_to(visible.transpose(2, 0, 1), (block, heads, new)).reshape(scores.shape)
         scores = jnp.where(seen, scores, -jnp.inf)
         new_top = jnp.maximum(top[b], scores.max(axis=0))  # [H·T]
         safe = jnp.where(jnp.isfinite(new_top), new_top, 0)  # no key yet: exp(-inf - 0) = 0
