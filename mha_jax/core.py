@@ -24,6 +24,7 @@ from jax import Array
 from jax.typing import ArrayLike, DTypeLike
 
 from mha_jax import _checks, _validate, frame, kernels, masks
+from mha_jax.kernels.request import pin_platform
 from mha_jax.masks import Structure
 from mha_jax.options import Options
 from mha_jax.params import MHAParams
@@ -413,6 +414,7 @@ def batched(
     ]
     # The one value check that needs concrete values: inside the jit they are traced.
     masks.check_prefix(structure, jnp.shape(arrays[0] if arrays[1] is None else arrays[1])[-2])
+    options = pin_platform(options)  # the target keys the compilation below
     return _batched(
         _validate.as_params(params),
         *arrays,

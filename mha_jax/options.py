@@ -26,6 +26,7 @@ from mha_jax import _checks
 from mha_jax.rope import RoPE
 
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "xla", "cudnn", "pallas", "scan")
+PLATFORMS = ("cpu", "gpu", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,14 @@ class Options:
                     for one entry (FlexAttention's `score_mod`; `mha_jax.score_mod`), after
                     ALiBi, before the bias and the mask; it may close over arrays, whose
                     gradients flow. None: off.
+    platform:       the target the kernels are chosen and lowered for: "cpu", "gpu" or
+                    "tpu"; None: the device of the current mesh (`jax.set_mesh`), else
+                    `jax.default_backend()` (`mha_jax.kernels.request.resolve_platform`).
+                    Set it to lower for an accelerator from a CPU
+                    (`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`).
+    compute_capability: the GPU's (major, minor), e.g. (9, 0) for Hopper; None: the
+                    device's when a GPU is attached, else (8, 0) (Ampere). Only with
+                    platform "gpu" (or a GPU backend).
     """
 
     scale: float | None = None
@@ -64,6 +73,8 @@ class Options:
     qk_norm_eps: float = 1e-6
     alibi: bool | int = False
     score_mod: Callable | None = None
+    platform: str | None = None
+    compute_capability: tuple[int, int] | None = None
 
     def __post_init__(self):
         scale, rate = self.scale, self.dropout_rate
@@ -87,6 +98,18 @@ class Options:
         if self.score_mod is not None and not callable(self.score_mod):
             raise TypeError(f"score_mod must be a function (score, head, q_idx, kv_idx) -> score or None; "
                             f"got {self.score_mod!r}")  # fmt: skip
+        if self.platform is not None:
+            _checks.check_choice("platform", self.platform, PLATFORMS)
+        capability = self.compute_capability
+        if capability is not None:
+            if not (isinstance(capability, tuple | list) and len(capability) == 2
+                    and all(_checks.is_int(c) and c >= 0 for c in capability)):  # fmt: skip
+                raise _checks.fail("compute_capability", "be a pair of ints (major, minor) or None",
+                                   repr(capability))  # fmt: skip
+            if self.platform not in (None, "gpu"):
+                raise _checks.fail("compute_capability", f"be None for platform {self.platform!r}",
+                                   repr(capability))  # fmt: skip
+            object.__setattr__(self, "compute_capability", (int(capability[0]), int(capability[1])))
         eps = self.qk_norm_eps
         if not (is_real(eps) and math.isfinite(eps) and eps > 0):
             raise _checks.fail("qk_norm_eps", "be a positive finite number", repr(eps))

@@ -257,6 +257,30 @@ TABLE = [
         r"alibi must be True, False or a positive head count; got 0",
     ),
     (
+        "platform_cuda",
+        lambda: mj.Options(platform="cuda"),
+        ValueError,
+        r"platform must be one of \['cpu', 'gpu', 'tpu'\]; got 'cuda'",
+    ),
+    (
+        "compute_capability_string",
+        lambda: mj.Options(platform="gpu", compute_capability="9.0"),
+        ValueError,
+        r"compute_capability must be a pair of ints \(major, minor\) or None; got '9.0'",
+    ),
+    (
+        "compute_capability_on_tpu",
+        lambda: mj.Options(platform="tpu", compute_capability=(9, 0)),
+        ValueError,
+        r"compute_capability must be None for platform 'tpu'; got \(9, 0\)",
+    ),
+    (
+        "cudnn_on_cpu",
+        lambda: one(options=mj.Options(implementation="cudnn", platform="cpu"))(),
+        ValueError,
+        r"implementation=\"cudnn\" cannot .*run on backend 'cpu' \(it needs a GPU\)",
+    ),
+    (
         "xla_cannot_apply_score_mod",
         lambda: one(options=mj.Options(implementation="xla", score_mod=lambda s, h, q, k: s))(),
         ValueError,

@@ -320,11 +320,13 @@ def test_auto_picks_reference_when_short_and_blockwise_when_long_on_cpu():
 
 
 def test_auto_picks_the_accelerator_kernels_only_when_they_can_honour_the_call():
-    """Checked on CPU by passing the backend: cuDNN on GPU with bf16, Pallas on TPU."""
+    """Checked on CPU by passing the backend: cuDNN on GPU with bf16, then Pallas's Triton
+    kernel for what cuDNN refuses; Pallas on TPU. (tests/test_lowering.py lowers them.)"""
     pick = lambda *a, **kw: kernels.choose("auto", request(*a, **kw)).name
     assert pick(1024, "gpu", jnp.bfloat16, 64) == "cudnn"
-    assert pick(1024, "gpu", jnp.float32, 64) == "blockwise"  # cuDNN needs bf16/f16
-    assert pick(1024, "gpu", jnp.bfloat16, 12) == "blockwise"  # head dim not a multiple of 8
+    assert pick(1024, "gpu", jnp.float32, 64) == "pallas"  # cuDNN needs bf16/f16; Triton takes f32
+    assert pick(1024, "gpu", jnp.bfloat16, 12) == "pallas"  # cuDNN: a multiple of 8; Triton pads it
+    assert pick(1000, "gpu", jnp.float32, 64) == "blockwise"  # Triton: 128-blocks must fit
     assert pick(1024, "gpu", jnp.bfloat16, 64, has_mask=True) == "blockwise"
     assert pick(1024, "tpu", jnp.float32, 64, structure=Structure(is_causal=True)) == "pallas"
     assert pick(1000, "tpu", jnp.float32, 64) == "blockwise"  # TPU blocks of 128 must fit

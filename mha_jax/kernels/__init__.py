@@ -8,7 +8,8 @@
     "pallas"     JAX's Pallas flash kernels (GPU Triton, TPU)       O(L)
     "scan"       a batch of a few queries against a long cache:     O(L)
                  one block loop for the whole batch (decoding)
-    "auto"       cuDNN on GPU and Pallas on TPU when they can honour the call; on
+    "auto"       cuDNN, then Pallas (Triton) on GPU and Pallas on TPU when they can
+                 honour the call, on the target `Options.platform` resolves to; on
                  CPU the reference below BLOCKWISE_MIN_PAIRS (query, key) pairs,
                  blockwise above, and blockwise for a padded or cached Lk above
                  BLOCKWISE_MIN_CACHE (it skips the empty blocks), or "scan" for a
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from mha_jax.kernels import blockwise, jax_nn, pallas, reference, scan
-from mha_jax.kernels.request import Request
+from mha_jax.kernels.request import Request, pin_platform
 from mha_jax.masks import Structure
 from mha_jax.options import IMPLEMENTATIONS, Options
 
@@ -76,6 +77,11 @@ BLOCKWISE_MIN_CACHE = 512
 SCAN_MAX_NEW = scan.SCAN_MAX_NEW  # above this many queries, its block-diagonal waste outgrows the gain
 
 
+# On an accelerator, "auto" tries these first, in order: cuDNN, then Pallas's Triton kernel for
+# what cuDNN refuses (float32, its head dims); on TPU the Pallas kernel.
+ACCELERATED = {"gpu": ("cudnn", "pallas"), "tpu": ("pallas",)}
+
+
 def choose(implementation: str, request: Request) -> Kernel:
     """The kernel for `implementation` ("auto": the fastest that can honour the request)."""
     if implementation != "auto":
@@ -87,9 +93,9 @@ def choose(implementation: str, request: Request) -> Kernel:
                 + '. implementation="reference" supports every option.'
             )
         return KERNELS[implementation]
-    preferred = {"gpu": "cudnn", "tpu": "pallas"}.get(request.backend)
-    if preferred and not KERNELS[preferred].cannot(request):
-        return KERNELS[preferred]
+    for preferred in ACCELERATED.get(request.backend, ()):
+        if not KERNELS[preferred].cannot(request):
+            return KERNELS[preferred]
     long = request.length_q * request.length_k >= BLOCKWISE_MIN_PAIRS
     # A KV cache (kv_length over many slots): blockwise visits the filled blocks only.
     cache = request.structure.kv_length is not None and request.length_k > BLOCKWISE_MIN_CACHE
@@ -129,6 +135,7 @@ def attend(
     length_q, length_k = q.shape[0], k.shape[0]
     if structure.kv_length is not None:
         structure = structure.replace(kv_length=jnp.clip(structure.kv_length, 0, length_k))
+    options = pin_platform(options)  # the kernel's `cannot` and `run` see one target
     request = Request.of(
         q, k, mask=mask, bias=bias, structure=structure, options=options, return_weights=return_weights,
         sinks=sinks,
@@ -156,6 +163,7 @@ def attend_batch(
     batch, length_q, length_k = q.shape[0], q.shape[1], k.shape[1]
     if structure.kv_length is not None:
         structure = structure.replace(kv_length=jnp.clip(structure.kv_length, 0, length_k))
+    options = pin_platform(options)
     example = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), structure)
     request = Request.of(
         q[0] if batch else jax.ShapeDtypeStruct(q.shape[1:], q.dtype), k[0] if batch else

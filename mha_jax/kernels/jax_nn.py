@@ -79,6 +79,11 @@ def cudnn_run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
     length_q, length_k = q.shape[0], k.shape[0]
     lengths = None if structure.kv_length is None else jnp.reshape(structure.kv_length, (1,))
     lengths = None if lengths is None else lengths.astype(jnp.int32)
+    # The query lengths too, computed from the key lengths (`0 · lengths`, not `zeros_like`,
+    # which vmap leaves unbatched): under the per-example vmap both are then batched. Left to
+    # jax.nn, they are filled unbatched, and cuDNN's batching rule fails at trace time on the
+    # first padded batch of two or more (jax 0.10.2).
+    q_lengths = None if lengths is None else lengths * 0 + length_q
     # Under is_causal the right side of a window hides nothing; a window (left, 0) is causal.
     window = structure.window
     is_causal = structure.is_causal or (window is not None and window[1] == 0)
@@ -92,6 +97,7 @@ def cudnn_run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
         scale=_scale(q, options),
         implementation="cudnn",
         is_causal=is_causal,
+        query_seq_lengths=q_lengths,
         key_value_seq_lengths=lengths,
         local_window_size=window,
     )

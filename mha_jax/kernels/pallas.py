@@ -10,7 +10,6 @@ multiples of 128); equal head counts (GQA is expanded here).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from mha_jax.kernels.request import Request, float32_softmax_limits, library_kernel_limits, rule_limits
@@ -45,7 +44,7 @@ def run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
     # These kernels want equal head counts: expand the kv heads of GQA.
     k = jnp.repeat(k, num_heads // num_kv_heads, axis=1)
     v = jnp.repeat(v, num_heads // num_kv_heads, axis=1)
-    if jax.default_backend() == "tpu":
+    if options.platform == "tpu":
         from jax.experimental.pallas.ops.tpu import flash_attention as tpu
 
         to_bhld = lambda x: x.transpose(1, 0, 2)[None]
@@ -62,6 +61,6 @@ def run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
         segment_ids=None,
         sm_scale=scale,
         causal=structure.is_causal,
-        interpret=jax.default_backend() == "cpu",
+        interpret=options.platform == "cpu",
     )
     return out[0], None

@@ -3,16 +3,23 @@
 A kernel says what it `cannot` do for a `Request` (an empty list: it computes
 this call exactly as the reference would). Choosing a kernel reads nothing
 else, so the choice can be tested on a CPU with `backend="gpu"` or `"tpu"`.
+
+The target is resolved once, by `resolve_platform`: `Options.platform` when set, else the
+device of the current abstract mesh (part of jit's cache key), else `jax.default_backend()`;
+`attend` then pins it into the options the kernel runs with, so `cannot` and `run` read the
+same value, and `batched_attention` pins it before its jit, so its compile cache is keyed on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mha_jax.masks import Structure
+from mha_jax.options import Options
 
 
 class Request(NamedTuple):
@@ -35,12 +42,9 @@ class Request(NamedTuple):
 
     @classmethod
     def of(cls, q, k, *, mask, bias, structure, options, return_weights, sinks=None) -> Request:
-        """The request of `attend(q [Lq, H, Dh], k [Lk, Hkv, Dh], ...)` on the default backend."""
-        backend = jax.default_backend()
-        capability = (0, 0)
-        if backend == "gpu":
-            text = getattr(jax.devices()[0], "compute_capability", "0.0")
-            capability = tuple(int(part) for part in str(text).split(".")[:2])
+        """The request of `attend(q [Lq, H, Dh], k [Lk, Hkv, Dh], ...)` on the options' target."""
+        options = pin_platform(options)
+        backend, capability = options.platform, options.compute_capability or (0, 0)
         return cls(
             backend=backend,
             dtype=jnp.dtype(q.dtype),
@@ -64,6 +68,35 @@ class Request(NamedTuple):
         """Queries start at position 0, known at trace time (kernels that align top-left only)."""
         q_offset = self.structure.q_offset
         return isinstance(q_offset, int) and q_offset == 0
+
+
+DEFAULT_GPU_CAPABILITY = (8, 0)  # Ampere: the target assumed when lowering for a GPU without one
+
+
+def resolve_platform(options: Options) -> str:
+    """ "cpu", "gpu" or "tpu": `options.platform`, else the current mesh's device, else the
+    default backend."""
+    if options.platform is not None:
+        return options.platform
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    platform = getattr(device, "platform", None) or jax.default_backend()
+    return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
+def pin_platform(options: Options) -> Options:
+    """`options` with the target filled in: the platform, and for a GPU its compute
+    capability (the attached device's, else `DEFAULT_GPU_CAPABILITY`)."""
+    platform = resolve_platform(options)
+    capability = options.compute_capability
+    if platform == "gpu" and capability is None:
+        capability = DEFAULT_GPU_CAPABILITY
+        if jax.default_backend() == "gpu":
+            text = getattr(jax.devices()[0], "compute_capability", "8.0")
+            capability = tuple(int(part) for part in str(text).split(".")[:2])
+    if (platform, capability) == (options.platform, options.compute_capability):
+        return options
+    return dataclasses.replace(options, platform=platform, compute_capability=capability)
 
 
 def fused_limits(request: Request) -> list[str]:
