@@ -122,10 +122,13 @@ def test_xla_matches_reference(p):
     assert_matches_reference("xla", p)
 
 
+@pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("num_kv_heads", [2, 1])
-def test_pallas_interpret_matches_reference(is_causal, num_kv_heads):
+def test_pallas_interpret_matches_reference(is_causal, num_kv_heads, segments):
+    """The GPU (Triton) kernel in interpret mode; with segment ids: documents of 5, 20 and 7."""
     rngs = jax.random.split(jax.random.PRNGKey(7), 4)
+    ids = jnp.repeat(jnp.arange(3), jnp.array([5, 20, 7]), total_repeat_length=32) if segments else None
     q = jax.random.normal(rngs[0], (32, 2, 16))
     k = jax.random.normal(rngs[1], (32, num_kv_heads, 16))
     v = jax.random.normal(rngs[2], (32, num_kv_heads, 16))
@@ -135,7 +138,7 @@ def test_pallas_interpret_matches_reference(is_causal, num_kv_heads):
         v=v,
         mask=None,
         bias=None,
-        structure=Structure(is_causal=is_causal),
+        structure=Structure(is_causal=is_causal, segment_ids=ids),
         blocks=None,
         softcap=None,
         cotangent=jax.random.normal(rngs[3], q.shape),
@@ -387,6 +390,15 @@ PALLAS_CASES = {
     "window": (dict(backend="gpu", structure=Structure(window=(4, 4))), r"take kv_length or window"),
     "bias": (dict(backend="tpu", has_bias=True), r"take a mask or bias array"),
     "float64": (dict(backend="gpu", dtype=jnp.float64), r"compute in float64"),
+    "gpu_segment_ids": (dict(backend="gpu", structure=Structure(segment_ids=jnp.zeros(256, int))), None),
+    "gpu_segment_id_pair": (
+        dict(backend="gpu", structure=Structure(segment_ids=(jnp.zeros(256, int), jnp.zeros(256, int)))),
+        r"take segment_ids",
+    ),
+    "tpu_segment_ids": (
+        dict(backend="tpu", structure=Structure(segment_ids=jnp.zeros(256, int))),
+        r"take segment_ids",
+    ),
 }
 
 

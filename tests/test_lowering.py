@@ -73,7 +73,7 @@ EXPECTED = {
                                    "cudnn: cudnn PADDING_CAUSAL window 0", "reference: -"),
     "causal, window (127, 0)": ("reference: -", CUDNN_WINDOW, CUDNN_WINDOW, "reference: -"),
     "causal, GQA 4/2 heads": ("reference: -", CUDNN_CAUSAL, CUDNN_CAUSAL, FLASH_TPU),
-    "causal, segment ids": ("reference: -", "reference: -", "reference: -", "reference: -"),
+    "causal, segment ids": ("reference: -", TRITON, TRITON, "reference: -"),
     "causal, soft-cap": ("reference: -", "reference: -", "reference: -", "reference: -"),
     "causal, sinks": ("reference: -", "reference: -", "reference: -", "reference: -"),
     "causal, float32": ("reference: -", TRITON, TRITON, FLASH_TPU),
@@ -124,7 +124,9 @@ def test_auto_lowers_to_the_expected_kernel_on_every_target(table):
          "pallas: triton mha_backward, triton mha_forward, triton mha_preprocess_backward"),
         ("causal", "tpu", "pallas: tpu _flash_attention_dkv_kernel, tpu _flash_attention_dq_kernel, "
                           "tpu _flash_attention_kernel"),
-        ("causal, segment ids", "gpu Hopper (9.0)", "reference: -"),  # L=256: below the blockwise size
+        ("causal, segment ids", "gpu Hopper (9.0)",
+         "pallas: triton mha_backward, triton mha_forward, triton mha_preprocess_backward"),
+        ("causal, soft-cap", "gpu Hopper (9.0)", "reference: -"),  # L=256: below the blockwise size
     ],
 )  # fmt: skip
 def test_the_gradient_lowers_to_the_kernels_backward(name, target, want, monkeypatch):

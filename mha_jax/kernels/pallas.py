@@ -3,9 +3,10 @@
 
 Limits read from jax 0.10.2 (`jax/experimental/pallas/ops/{gpu/attention,
 tpu/flash_attention}.py`): causal (top-left) or nothing, no mask, bias,
-kv_length or window; float32 softmax; GPU blocks of 128 (a length above 128
-must be a multiple of it); TPU blocks of 128 that must fit (lengths are
-multiples of 128); equal head counts (GQA is expanded here).
+kv_length or window; segment ids on GPU (one array, self-attention);
+float32 softmax; GPU blocks of 128 (a length above 128 must be a multiple
+of it); TPU blocks of 128 that must fit (lengths are multiples of 128);
+equal head counts (GQA is expanded here).
 """
 
 from __future__ import annotations
@@ -17,9 +18,23 @@ from mha_jax.kernels.request import Request, float32_softmax_limits, library_ker
 BLOCK = 128
 
 
+def takes_segment_ids(request: Request) -> bool:
+    """The GPU kernel (interpreted on CPU) takes one `segment_ids` array for queries and keys:
+    self-attention's form, Lq = Lk. A row then always sees itself, so its large negative mask
+    value never meets a row with no visible key (where it would average V, not give zeros)."""
+    ids = request.structure.segment_ids
+    return (
+        request.backend in ("gpu", "cpu") and not isinstance(ids, tuple | list)
+        and request.length_q == request.length_k
+    )  # fmt: skip
+
+
 def cannot(request: Request) -> list[str]:
-    reasons = library_kernel_limits(request) + float32_softmax_limits(request) + rule_limits(request)
     structure = request.structure
+    ruled = request
+    if structure.segment_ids is not None and takes_segment_ids(request):
+        ruled = request._replace(structure=structure.replace(segment_ids=None))
+    reasons = library_kernel_limits(request) + float32_softmax_limits(request) + rule_limits(ruled)
     if request.backend not in ("gpu", "tpu", "cpu"):
         reasons.append(f"run on backend {request.backend!r}")
     if request.has_mask or request.has_bias:
@@ -58,7 +73,7 @@ def run(q, k, v, *, mask, bias, structure, options, rng, sinks=None):
         q[None],
         k[None],
         v[None],
-        segment_ids=None,
+        segment_ids=None if structure.segment_ids is None else structure.segment_ids[None].astype(jnp.int32),
         sm_scale=scale,
         causal=structure.is_causal,
         interpret=options.platform == "cpu",
