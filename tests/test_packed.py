@@ -295,14 +295,16 @@ def test_one_segment_array_for_cross_attention_is_refused():
 
 @pytest.mark.parametrize("rule", [dict(segment_ids=jnp.zeros(1024, int)), dict(chunk=64), dict(prefix=8)])
 def test_the_library_kernels_refuse_the_new_rules_and_auto_picks_blockwise(rule):
-    """cuDNN and Pallas take none of them: on a GPU or TPU "auto" must not pick them (it would
-    drop the rule), and asking for them by name says why."""
+    """cuDNN and Pallas take none of them (but Pallas's GPU kernel takes one segment_ids array):
+    on a GPU or TPU "auto" must not pick a kernel that would drop the rule, and asking for one
+    by name says why."""
     from tests.test_implementations import request
 
     for backend, kernel in (("gpu", "cudnn"), ("tpu", "pallas")):
         asked = request(
             1024, backend=backend, dtype=jnp.bfloat16, structure=Structure(is_causal=True, **rule)
         )
-        assert kernels.choose("auto", asked).name == "blockwise"
+        triton = backend == "gpu" and "segment_ids" in rule  # tests/test_implementations.py checks it
+        assert kernels.choose("auto", asked).name == ("pallas" if triton else "blockwise")
         with pytest.raises(ValueError, match=rf'implementation="{kernel}" cannot take {next(iter(rule))}'):
             kernels.choose(kernel, asked)
