@@ -8,6 +8,7 @@ drew them from (for the caller's own arrays).
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
@@ -49,3 +50,22 @@ def assert_decoding_equals(full, params, x, *, num_heads, prompt=5, **settings):
     for t in range(prompt, total):
         out, cache = step(x[:, t : t + 1], cache)
         np.testing.assert_allclose(out[:, 0], full[:, t], atol=2e-5, err_msg=f"step at row {t}")
+
+
+def assert_same_as_built_in(run, built_in: dict, rewritten: dict, *, shape=(24, 4, 8), kv_heads=2):
+    """`run(name, q, k, v, **settings)` with the built-in settings and with their rewrite as a
+    user function give the same outputs ("reference" and "blockwise") and the same
+    gradients of q, k and v (blockwise, its own VJP)."""
+    length, heads, width = shape
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((length, kv_heads, width)), jnp.float32) for _ in range(2))
+    cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    for name in ("reference", "blockwise"):
+        want = run(name, q, k, v, **built_in)
+        np.testing.assert_allclose(run(name, q, k, v, **rewritten), want, rtol=1e-5, atol=1e-5, err_msg=name)
+    grad = lambda settings: jax.grad(
+        lambda *a: (run("blockwise", *a, **settings) * cotangent).sum(), argnums=(0, 1, 2)
+    )(q, k, v)
+    for got, want in zip(grad(rewritten), grad(built_in), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -4,7 +4,8 @@
 float64 spec of tests/reference.py (which calls the same rule written in Python), forward and
 backward, on hypothesis-drawn shapes and rules, per-head rules and rules that close over
 per-document data; the block table (empty / partial / full tiles) against one counted by
-hand; the public batched call. The mesh is in tests/test_parallel.py.
+hand; the public batched call; causal, window, chunked and document masks rewritten as
+functions equal the built-in rules; cached decoding. The mesh is in tests/test_parallel.py.
 """
 
 import jax
@@ -18,7 +19,7 @@ import mha_jax as mj
 from mha_jax import kernels
 from mha_jax.kernels import blockwise
 from mha_jax.masks import Structure
-from tests.problems import assert_decoding_equals, draw_problem
+from tests.problems import assert_decoding_equals, assert_same_as_built_in, draw_problem
 from tests.reference import attention_np, core_np
 
 DOCUMENTS = np.repeat(np.arange(8), [3, 9, 1, 6, 12, 2, 7, 40])  # ids of positions 0 ... 79
@@ -138,3 +139,29 @@ def test_cached_decoding_equals_one_uncached_call(implementation):
     full = mj.batched_attention(params, x, num_heads=num_heads, options=reference,
                                 structure=Structure(is_causal=True, mask_mod=fn))  # fmt: skip
     assert_decoding_equals(full, params, x, num_heads=num_heads, mask_mod=fn, implementation=implementation)
+
+
+def attend(name, q, k, v, *, structure):
+    """Kernel `name` under `structure` (blockwise on blocks of 8: partial and empty tiles)."""
+    options = mj.Options(implementation=name)
+    if name == "blockwise":
+        return mj.blockwise_attention(q, k, v, structure=structure, options=options, block_sizes=(8, 8))
+    return kernels.attend(q, k, v, mask=None, bias=None, structure=structure, options=options, rng=None,
+                          return_weights=False)[0]  # fmt: skip
+
+
+IDS = jnp.asarray(DOCUMENTS[:24])
+
+
+@pytest.mark.parametrize(
+    "built_in, fn",
+    [
+        (Structure(is_causal=True), lambda h, q, k: q >= k),
+        (Structure(window=(3, 1)), lambda h, q, k: (q - k <= 3) & (k - q <= 1)),
+        (Structure(is_causal=True, chunk=5), lambda h, q, k: (q >= k) & (q // 5 == k // 5)),
+        (Structure(segment_ids=IDS), lambda h, q, k: IDS[q] == IDS[k]),
+    ],
+    ids=["causal", "sliding window", "chunked", "documents"],
+)
+def test_a_mask_function_equals_the_built_in_rule_it_rewrites(built_in, fn):
+    assert_same_as_built_in(attend, dict(structure=built_in), dict(structure=Structure(mask_mod=fn)))

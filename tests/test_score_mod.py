@@ -5,9 +5,12 @@ tests/reference.py (which applies the same modification written in NumPy), forwa
 backward, on hypothesis-drawn shapes and rules, with soft-cap, ALiBi and sinks; gradients of
 an array the function closes over (a learnable relative-position table) through the
 blockwise kernel's own VJP, against autodiff of the reference kernel and central differences
-of the spec; a table that trains; cached decoding; bad input. The mesh is in
+of the spec; a table that trains; ALiBi, soft-capping and a relative bias rewritten as
+score functions equal the built-ins; cached decoding; bad input. The mesh is in
 tests/test_parallel.py.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +23,7 @@ from hypothesis import strategies as st
 import mha_jax as mj
 from mha_jax import alibi, kernels
 from mha_jax.masks import Structure
-from tests.problems import assert_decoding_equals, draw_problem
+from tests.problems import assert_decoding_equals, assert_same_as_built_in, draw_problem
 from tests.reference import core_np
 
 WIDTH = 4  # the table's relative distances: -4 ... 4 (clipped)
@@ -133,3 +136,36 @@ def test_cached_decoding_equals_one_uncached_call(implementation):
                                 options=mj.Options(score_mod=fn, implementation="reference"))  # fmt: skip
     options = mj.Options(score_mod=fn, implementation=implementation)
     assert_decoding_equals(full, params, x, num_heads=num_heads, options=options)
+
+
+def attend(name, q, k, v, *, options=None, bias=None, is_causal=True):
+    """One causal call of kernel `name` (blockwise on blocks of 8, so tiles are partial)."""
+    options = dataclasses.replace(options or mj.Options(), implementation=name)
+    structure = Structure(is_causal=is_causal)
+    if name == "blockwise":
+        return mj.blockwise_attention(
+            q, k, v, bias=bias, structure=structure, options=options, block_sizes=(8, 8)
+        )
+    return kernels.attend(q, k, v, mask=None, bias=bias, structure=structure, options=options, rng=None,
+                          return_weights=False)[0]  # fmt: skip
+
+
+SLOPES = jnp.asarray(alibi.slopes(4), jnp.float32)
+TABLE = jnp.asarray(np.random.default_rng(3).standard_normal((4, 2 * WIDTH + 1)), jnp.float32)
+DISTANCE = np.arange(24)[:, None] - np.arange(24)[None]  # q - k
+
+
+@pytest.mark.parametrize(
+    "built_in, rewritten",
+    [
+        (dict(options=mj.Options(alibi=True)),
+         dict(options=mj.Options(score_mod=lambda s, h, q, k: s + SLOPES[h] * (k - q)))),
+        (dict(options=mj.Options(softcap=2.0)),
+         dict(options=mj.Options(score_mod=lambda s, h, q, k: 2.0 * jnp.tanh(s / 2.0)))),
+        (dict(bias=TABLE[:, np.clip(DISTANCE, -WIDTH, WIDTH) + WIDTH]),  # the table as a dense bias
+         dict(options=mj.Options(score_mod=relative_bias(TABLE)))),
+    ],
+    ids=["alibi", "softcap", "relative bias"],
+)  # fmt: skip
+def test_a_score_function_equals_the_built_in_it_rewrites(built_in, rewritten):
+    assert_same_as_built_in(attend, built_in, rewritten)
