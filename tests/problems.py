@@ -7,11 +7,15 @@ sinks or None, block sizes for the blockwise kernel, a cotangent like q, and the
 drew them from (for the caller's own arrays).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
+import mha_jax as mj
+from mha_jax import kernels
 from mha_jax.decoding import cached_attention, init_cache
 
 
@@ -35,6 +39,17 @@ def draw_problem(draw, *, max_length=24, groups=(1, 2)):
         blocks=(draw(st.sampled_from([4, 8])), draw(st.sampled_from([4, 8]))),
         cotangent=rng.standard_normal(q.shape).astype(np.float32),
     )  # fmt: skip
+
+
+def kernel_call(name, q, k, v, *, structure, options, sinks=None, bias=None, block_sizes=None):
+    """One example through kernel `name`: blockwise through its public call (with
+    `block_sizes`), the others through `kernels.attend`."""
+    options = dataclasses.replace(options, implementation=name)
+    if name == "blockwise":
+        return mj.blockwise_attention(q, k, v, bias=bias, structure=structure, options=options, sinks=sinks,
+                                      block_sizes=block_sizes)  # fmt: skip
+    return kernels.attend(q, k, v, mask=None, bias=bias, structure=structure, options=options, rng=None,
+                          return_weights=False, sinks=sinks)[0]  # fmt: skip
 
 
 def assert_decoding_equals(full, params, x, *, num_heads, prompt=5, **settings):

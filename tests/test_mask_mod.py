@@ -19,7 +19,7 @@ import mha_jax as mj
 from mha_jax import kernels
 from mha_jax.kernels import blockwise
 from mha_jax.masks import Structure
-from tests.problems import assert_decoding_equals, assert_same_as_built_in, draw_problem
+from tests.problems import assert_decoding_equals, assert_same_as_built_in, draw_problem, kernel_call
 from tests.reference import attention_np, core_np
 
 DOCUMENTS = np.repeat(np.arange(8), [3, 9, 1, 6, 12, 2, 7, 40])  # ids of positions 0 ... 79
@@ -44,14 +44,10 @@ def problems(draw):
 
 def run(p, name, q, k, v):
     fn, _ = rule(p["kind"])
-    structure = Structure(mask_mod=fn, **p["rules"])
-    options = mj.Options(softcap=p["softcap"], implementation=name)
     sinks = None if p["sinks"] is None else jnp.asarray(p["sinks"])
-    if name == "blockwise":
-        return mj.blockwise_attention(q, k, v, structure=structure, options=options, sinks=sinks,
-                                      block_sizes=p["blocks"])  # fmt: skip
-    return kernels.attend(q, k, v, mask=None, bias=None, structure=structure, options=options, rng=None,
-                          return_weights=False, sinks=sinks)[0]  # fmt: skip
+    structure = Structure(mask_mod=fn, **p["rules"])
+    return kernel_call(name, q, k, v, structure=structure, options=mj.Options(softcap=p["softcap"]),
+                       sinks=sinks, block_sizes=p["blocks"])  # fmt: skip
 
 
 @settings(max_examples=10, deadline=None)
@@ -143,11 +139,7 @@ def test_cached_decoding_equals_one_uncached_call(implementation):
 
 def attend(name, q, k, v, *, structure):
     """Kernel `name` under `structure` (blockwise on blocks of 8: partial and empty tiles)."""
-    options = mj.Options(implementation=name)
-    if name == "blockwise":
-        return mj.blockwise_attention(q, k, v, structure=structure, options=options, block_sizes=(8, 8))
-    return kernels.attend(q, k, v, mask=None, bias=None, structure=structure, options=options, rng=None,
-                          return_weights=False)[0]  # fmt: skip
+    return kernel_call(name, q, k, v, structure=structure, options=mj.Options(), block_sizes=(8, 8))
 
 
 IDS = jnp.asarray(DOCUMENTS[:24])

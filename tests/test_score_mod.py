@@ -10,8 +10,6 @@ score functions equal the built-ins; cached decoding; bad input. The mesh is in
 tests/test_parallel.py.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mha_jax as mj
-from mha_jax import alibi, kernels
+from mha_jax import alibi
 from mha_jax.masks import Structure
-from tests.problems import assert_decoding_equals, assert_same_as_built_in, draw_problem
+from tests.problems import assert_decoding_equals, assert_same_as_built_in, draw_problem, kernel_call
 from tests.reference import core_np
 
 WIDTH = 4  # the table's relative distances: -4 ... 4 (clipped)
@@ -64,14 +62,10 @@ def spec(p, q=None, table=None):
 
 def run(p, name, q, k, v, table):
     fn = relative_bias(table) if p["kind"] == "table" else curved
-    options = mj.Options(score_mod=fn, softcap=p["softcap"], alibi=p["alibi"], implementation=name)
+    options = mj.Options(score_mod=fn, softcap=p["softcap"], alibi=p["alibi"])
     sinks = None if p["sinks"] is None else jnp.asarray(p["sinks"])
-    structure = Structure(**p["rules"])
-    if name == "blockwise":
-        return mj.blockwise_attention(q, k, v, structure=structure, options=options, sinks=sinks,
-                                      block_sizes=p["blocks"])  # fmt: skip
-    return kernels.attend(q, k, v, mask=None, bias=None, structure=structure, options=options, rng=None,
-                          return_weights=False, sinks=sinks)[0]  # fmt: skip
+    return kernel_call(name, q, k, v, structure=Structure(**p["rules"]), options=options, sinks=sinks,
+                       block_sizes=p["blocks"])  # fmt: skip
 
 
 @settings(max_examples=8, deadline=None)
@@ -138,16 +132,10 @@ def test_cached_decoding_equals_one_uncached_call(implementation):
     assert_decoding_equals(full, params, x, num_heads=num_heads, options=options)
 
 
-def attend(name, q, k, v, *, options=None, bias=None, is_causal=True):
+def attend(name, q, k, v, *, options=None, bias=None):
     """One causal call of kernel `name` (blockwise on blocks of 8, so tiles are partial)."""
-    options = dataclasses.replace(options or mj.Options(), implementation=name)
-    structure = Structure(is_causal=is_causal)
-    if name == "blockwise":
-        return mj.blockwise_attention(
-            q, k, v, bias=bias, structure=structure, options=options, block_sizes=(8, 8)
-        )
-    return kernels.attend(q, k, v, mask=None, bias=bias, structure=structure, options=options, rng=None,
-                          return_weights=False)[0]  # fmt: skip
+    return kernel_call(name, q, k, v, structure=Structure(is_causal=True), options=options or mj.Options(),
+                       bias=bias, block_sizes=(8, 8))  # fmt: skip
 
 
 SLOPES = jnp.asarray(alibi.slopes(4), jnp.float32)
